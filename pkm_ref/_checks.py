@@ -1,0 +1,66 @@
+"""Argument checks shared by the public API.
+
+Every public function validates its inputs up front, so a bad value fails at once with a message
+that names the parameter and the value, instead of an opaque shape error from deep inside torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def positive_int(name: str, value: object) -> int:
+    """Return ``value`` if it is an int >= 1, else raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def even_int(name: str, value: object) -> int:
+    """Return ``value`` if it is a positive even int (split into two halves), else raise."""
+    positive_int(name, value)
+    if value % 2:  # type: ignore[operator]
+        raise ValueError(f"{name} must be even (the query is split into two halves), got {value}")
+    return value  # type: ignore[return-value]
+
+
+def probability(name: str, value: object) -> float:
+    """Return ``value`` if it is a float in [0, 1), else raise (used for dropout rates)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def one_of(name: str, value: object, choices: Sequence[object]) -> object:
+    """Return ``value`` if it is one of ``choices``, else raise listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def tensor(name: str, value: object) -> torch.Tensor:
+    """Return ``value`` if it is a tensor, else raise naming ``name``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Return ``value`` if it has a floating dtype (scores must be differentiable)."""
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+    return value
+
+
+def knn_within(knn: object, limit: int, what: str) -> int:
+    """Return ``knn`` if 1 <= knn <= limit, else raise saying what bounds it."""
+    positive_int("knn", knn)
+    if knn > limit:  # type: ignore[operator]
+        raise ValueError(f"knn must be <= {what} ({limit}), got {knn}")
+    return knn  # type: ignore[return-value]

@@ -1,0 +1,37 @@
+"""The ``pkm-ref`` command (also ``python -m pkm_ref``).
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int``; this file only dispatches, importing a module when its command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "demo": ("pkm_ref.demo", "a one-minute tour of a product-key memory layer"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pkm-ref", description="Product-Key Memory layers: train, measure, reproduce."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, _ = COMMANDS[args.command]
+    return importlib.import_module(module_name).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

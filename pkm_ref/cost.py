@@ -1,0 +1,126 @@
+"""Analytic cost model: multiply-adds, parameters and bytes per token.
+
+Taught in ``notebooks/06_complexity_and_speed.ipynb`` and used by ``pkm_ref.bench``.
+
+Per token (one query per head), with H heads, k = knn, d = k_dim, N slots, n = sqrt(N) sub-keys:
+
+    query network       input_dim * H * d                 multiply-adds
+    flat-key scoring    H * N * d                         multiply-adds, top-k over H * N scores
+    product-key scoring H * 2 * n * d/2 = H * n * d       multiply-adds, top-k over H * (2n + k^2)
+    value read          H * k * output_dim                multiply-adds, H * k rows read
+    dense FFN           2 * input_dim * hidden            multiply-adds
+
+Parameter counts equal those of the real modules (``FlatKeyMemory``, ``ProductKeyMemory``, an
+FFN of two Linear layers): the notebook checks that. Bytes count what one token must read from
+memory for the value rows; the keys are read once per batch, so they are reported separately.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from pkm_ref import _checks
+from pkm_ref.query import QUERY_NORMS
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Cost of one layer for one token; ``bytes_*`` assume ``dtype_bytes`` per number."""
+
+    name: str
+    multiply_adds: int  # per token
+    topk_elements: int  # scores scanned by top-k per token (0 for an FFN)
+    parameters: int  # total, equal to sum(p.numel()) of the module
+    active_parameters: int  # parameters one token touches
+    value_bytes: int  # value rows read per token
+    key_bytes: int  # all keys, read once per batch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _query_network(
+    input_dim: int, k_dim: int, heads: int, query_norm: str | None
+) -> tuple[int, int]:
+    """(multiply-adds per token, parameters) of Linear + norm."""
+    _checks.one_of("query_norm", query_norm, QUERY_NORMS)
+    width = heads * k_dim
+    norm = {"batchnorm": 2 * width, "layernorm": 2 * k_dim, None: 0}[query_norm]
+    return input_dim * width, input_dim * width + width + norm
+
+
+def flat_memory_cost(
+    input_dim: int, output_dim: int, n_slots: int, k_dim: int = 128, heads: int = 4,
+    knn: int = 32, query_norm: str | None = "batchnorm", dtype_bytes: int = 4,
+) -> LayerCost:  # fmt: skip
+    """Per-token cost of ``FlatKeyMemory`` with the same arguments."""
+    for name, value in (("input_dim", input_dim), ("output_dim", output_dim),
+                        ("n_slots", n_slots), ("k_dim", k_dim), ("heads", heads)):  # fmt: skip
+        _checks.positive_int(name, value)
+    _checks.knn_within(knn, n_slots, "the number of slots n_slots")
+    query_macs, query_params = _query_network(input_dim, k_dim, heads, query_norm)
+    keys = heads * n_slots * k_dim
+    read = heads * knn * output_dim
+    return LayerCost(
+        name="flat keys",
+        multiply_adds=query_macs + keys + read,
+        topk_elements=heads * n_slots,
+        parameters=query_params + keys + n_slots * output_dim,
+        active_parameters=query_params + keys + read,
+        value_bytes=read * dtype_bytes,
+        key_bytes=keys * dtype_bytes,
+    )
+
+
+def product_memory_cost(
+    input_dim: int, output_dim: int, n_keys: int, k_dim: int = 128, heads: int = 4,
+    knn: int = 32, query_norm: str | None = "batchnorm", dtype_bytes: int = 4,
+) -> LayerCost:  # fmt: skip
+    """Per-token cost of ``ProductKeyMemory`` with the same arguments (n_slots = n_keys**2)."""
+    for name, value in (("input_dim", input_dim), ("output_dim", output_dim),
+                        ("n_keys", n_keys), ("heads", heads)):  # fmt: skip
+        _checks.positive_int(name, value)
+    _checks.even_int("k_dim", k_dim)
+    n_slots = n_keys * n_keys
+    _checks.knn_within(knn, n_slots, "the number of product keys n_keys**2")
+    query_macs, query_params = _query_network(input_dim, k_dim, heads, query_norm)
+    subkeys = heads * n_keys * k_dim  # 2 halves of n_keys sub-keys of size k_dim / 2
+    k_half = min(knn, n_keys)
+    candidates = heads * k_half * k_half  # one addition each
+    read = heads * knn * output_dim
+    return LayerCost(
+        name="product keys",
+        multiply_adds=query_macs + subkeys + candidates + read,
+        topk_elements=heads * (2 * n_keys + k_half * k_half),
+        parameters=query_params + subkeys + n_slots * output_dim,
+        active_parameters=query_params + subkeys + read,
+        value_bytes=read * dtype_bytes,
+        key_bytes=subkeys * dtype_bytes,
+    )
+
+
+def ffn_cost(input_dim: int, hidden_dim: int, dtype_bytes: int = 4) -> LayerCost:
+    """Per-token cost of an FFN: Linear(input, hidden) -> activation -> Linear(hidden, input)."""
+    _checks.positive_int("input_dim", input_dim)
+    _checks.positive_int("hidden_dim", hidden_dim)
+    weights = 2 * input_dim * hidden_dim
+    params = weights + hidden_dim + input_dim
+    return LayerCost(
+        name="FFN",
+        multiply_adds=weights,
+        topk_elements=0,
+        parameters=params,
+        active_parameters=params,
+        value_bytes=params * dtype_bytes,
+        key_bytes=0,
+    )
+
+
+def product_vs_flat_speedup(n_slots: int, k_dim: int = 128, knn: int = 32) -> float:
+    """Analytic ratio of search work, flat over product: N*d / (sqrt(N)*d + knn^2)."""
+    n_keys = math.isqrt(n_slots)
+    if n_keys * n_keys != n_slots:
+        raise ValueError(f"n_slots must be a perfect square for product keys, got {n_slots}")
+    k_half = min(knn, n_keys)
+    return (n_slots * k_dim) / (n_keys * k_dim + k_half * k_half)

@@ -1,0 +1,222 @@
+"""Key-value memory layers: flat keys and product keys.
+
+Taught in ``notebooks/01_flat_key_memory.ipynb`` (flat), ``02_product_keys.ipynb`` (product keys)
+and ``04_multihead_memory_gpu.ipynb`` (heads, the shared value table, sparse gradients).
+
+For each input x (paper, section 3.1), and each of H heads:
+
+    q_h      = QueryNetwork(x)_h                         query, (k_dim,)
+    I_h      = top-knn indices of <q_h, key> over keys   (knn,)
+    w_h      = softmax(<q_h, key_i> for i in I_h)         (knn,)
+    m(x)     = sum_h sum_{i in I_h} w_h[i] * values[i]   (output_dim,)
+
+All heads read ONE value table and their reads are summed. The value table is an ``EmbeddingBag``
+(mode "sum", per-sample weights): it gathers and weighs the H * knn rows in one kernel, and with
+``sparse=True`` its gradient touches only the rows that were read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pkm_ref import _checks
+from pkm_ref.query import QueryNetwork
+from pkm_ref.search import flat_topk, product_topk
+
+
+class _KeyValueMemory(nn.Module):
+    """What flat- and product-key memories share: query network, value table, forward pass.
+
+    Subclasses own the keys and implement ``_search(query) -> (scores, indices)`` for a query of
+    shape (N, H, k_dim), returning two (N, H, knn) tensors.
+    """
+
+    n_slots: int
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        n_slots: int,
+        k_dim: int,
+        heads: int,
+        knn: int,
+        query_norm: str | None,
+        input_dropout: float,
+        query_dropout: float,
+        value_dropout: float,
+        sparse: bool,
+    ):
+        super().__init__()
+        self.input_dim = _checks.positive_int("input_dim", input_dim)
+        self.output_dim = _checks.positive_int("output_dim", output_dim)
+        self.k_dim = _checks.positive_int("k_dim", k_dim)
+        self.heads = _checks.positive_int("heads", heads)
+        self.knn = _checks.knn_within(knn, n_slots, "the number of slots n_slots")
+        self.n_slots = n_slots
+        self.sparse = bool(sparse)
+        self.input_dropout = _checks.probability("input_dropout", input_dropout)
+        self.query_dropout = _checks.probability("query_dropout", query_dropout)
+        self.value_dropout = _checks.probability("value_dropout", value_dropout)
+        self.query = QueryNetwork(input_dim, k_dim, heads, query_norm)
+        self.values = nn.EmbeddingBag(n_slots, output_dim, mode="sum", sparse=self.sparse)
+        # N(0, 1/output_dim): a read of knn rows starts at a sensible scale. Never zero: zero
+        # values would give the keys and queries no gradient at step 0.
+        nn.init.normal_(self.values.weight, mean=0.0, std=output_dim**-0.5)
+        # Usage recording (eval mode only): see ``record_usage``.
+        self.record_usage = False
+        self.last_indices: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+
+    def _search(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Read the memory.
+
+        Args:
+            x: (..., input_dim) input, any leading shape.
+            mask: bool tensor of the leading shape ``x.shape[:-1]``, True for real positions, or
+                None. Masked positions are kept out of batchnorm statistics and usage records;
+                their outputs are computed but meaningless.
+
+        Returns:
+            (..., output_dim). When ``record_usage`` is True and the module is in eval mode,
+            ``last_indices`` and ``last_weights`` hold the (N_real, H, knn) slots read and their
+            softmax weights for the real positions of this call.
+        """
+        _checks.floating("x", _checks.tensor("x", x))
+        if x.dim() < 1 or x.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"x must have shape (..., input_dim={self.input_dim}), got {tuple(x.shape)}"
+            )
+        lead_shape = x.shape[:-1]
+        flat_mask = None
+        if mask is not None:
+            _checks.tensor("mask", mask)
+            if mask.shape != lead_shape or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"mask must be a bool tensor of shape {tuple(lead_shape)} (x without its last "
+                    f"dimension), got {mask.dtype} {tuple(mask.shape)}"
+                )
+            flat_mask = mask.reshape(-1)  # (N,)
+
+        inputs = x.reshape(-1, self.input_dim)  # (N, input_dim): batchnorm over (N, C), never time
+        inputs = F.dropout(inputs, self.input_dropout, self.training)  # (N, input_dim)
+        query = self.query(inputs, flat_mask)  # (N, H, k_dim)
+        query = F.dropout(query, self.query_dropout, self.training)  # (N, H, k_dim)
+        scores, indices = self._search(query)  # (N, H, knn) each
+        # Softmax in float32 even under reduced precision: the weights must sum to one.
+        weights = F.softmax(scores.float(), dim=-1).type_as(scores)  # (N, H, knn)
+        n_rows = indices.shape[0]
+        out = self.values(  # summing over heads and knn: the heads share one table
+            indices.reshape(n_rows, -1),  # (N, H * knn)
+            per_sample_weights=weights.reshape(n_rows, -1).to(self.values.weight.dtype),
+        )  # (N, output_dim)
+        out = F.dropout(out, self.value_dropout, self.training)  # (N, output_dim)
+
+        if self.record_usage and not self.training:
+            keep = slice(None) if flat_mask is None else flat_mask
+            self.last_indices = indices[keep].detach()  # (N_real, H, knn)
+            self.last_weights = weights[keep].detach()  # (N_real, H, knn)
+        return out.view(*lead_shape, self.output_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_dim={self.input_dim}, output_dim={self.output_dim}, n_slots={self.n_slots}, "
+            f"k_dim={self.k_dim}, heads={self.heads}, knn={self.knn}, "
+            f"query_norm={self.query.norm_kind!r}, sparse={self.sparse}"
+        )
+
+
+class FlatKeyMemory(_KeyValueMemory):
+    """A memory layer whose keys are searched exhaustively: O(n_slots * k_dim) per query.
+
+    The baseline that product keys beat. Each head has its own (n_slots, k_dim) keys; all heads
+    share one (n_slots, output_dim) value table.
+
+    ``forward(x, mask=None)``: (..., input_dim) -> (..., output_dim).
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        n_slots: int,
+        k_dim: int = 128,
+        heads: int = 4,
+        knn: int = 32,
+        query_norm: str | None = "batchnorm",
+        input_dropout: float = 0.0,
+        query_dropout: float = 0.0,
+        value_dropout: float = 0.0,
+        sparse: bool = False,
+    ):
+        _checks.positive_int("n_slots", n_slots)
+        super().__init__(
+            input_dim, output_dim, n_slots, k_dim, heads, knn, query_norm,
+            input_dropout, query_dropout, value_dropout, sparse,
+        )  # fmt: skip
+        bound = 1.0 / math.sqrt(k_dim)
+        self.keys = nn.Parameter(torch.empty(heads, n_slots, k_dim).uniform_(-bound, bound))
+
+    def _search(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return flat_topk(query, self.keys, self.knn)  # (N, H, knn) each
+
+
+class ProductKeyMemory(_KeyValueMemory):
+    """The product-key memory layer (Lample et al. 2019): n_keys**2 slots, sub-linear search.
+
+    Each head has two sets of ``n_keys`` sub-keys of dimension ``k_dim // 2``; slot
+    ``i1 * n_keys + i2`` has the key ``[subkeys[h, 0, i1], subkeys[h, 1, i2]]``. The search costs
+    O((n_keys + knn**2) * k_dim) per query and head instead of O(n_keys**2 * k_dim). All heads share
+    one (n_slots, output_dim) value table.
+
+    ``forward(x, mask=None)``: (..., input_dim) -> (..., output_dim).
+
+    Args:
+        input_dim: size of the input features.
+        output_dim: size of a value (and of the output).
+        n_keys: sub-keys per half; the memory has ``n_slots = n_keys ** 2`` slots.
+        k_dim: query and key size; must be even.
+        heads: number of heads, each with its own query and sub-keys.
+        knn: slots read per head, at most ``n_slots``.
+        query_norm: "batchnorm" (paper), "layernorm" or None.
+        input_dropout, query_dropout, value_dropout: dropout on the input, the query, the read.
+        sparse: give the value table sparse gradients (use ``SparseAdam``; see ``pkm_ref.optim``).
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        n_keys: int = 512,
+        k_dim: int = 128,
+        heads: int = 4,
+        knn: int = 32,
+        query_norm: str | None = "batchnorm",
+        input_dropout: float = 0.0,
+        query_dropout: float = 0.0,
+        value_dropout: float = 0.0,
+        sparse: bool = False,
+    ):
+        _checks.positive_int("n_keys", n_keys)
+        _checks.even_int("k_dim", k_dim)
+        super().__init__(
+            input_dim, output_dim, n_keys * n_keys, k_dim, heads, knn, query_norm,
+            input_dropout, query_dropout, value_dropout, sparse,
+        )  # fmt: skip
+        self.n_keys = n_keys
+        half = k_dim // 2
+        bound = 1.0 / math.sqrt(half)
+        self.subkeys = nn.Parameter(torch.empty(heads, 2, n_keys, half).uniform_(-bound, bound))
+
+    def _search(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return product_topk(query, self.subkeys, self.knn)  # (N, H, knn) each
+
+    def extra_repr(self) -> str:
+        return f"n_keys={self.n_keys}, " + super().extra_repr()

@@ -1,0 +1,47 @@
+"""Runtime profiles: one environment variable picks how big every run is.
+
+``PKM_REF_PROFILE`` = ``smoke`` (tests and CI: every code path at tiny sizes), ``cpu`` (a real but
+short run on a few cores) or ``gpu`` (the full reproduction). Unset, it follows the hardware:
+``gpu`` when CUDA is available, else ``cpu``. Tests force ``smoke``.
+
+Notebooks and commands choose their sizes with ``by_profile``:
+
+    n_keys = by_profile(smoke=16, cpu=128, gpu=512)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+import torch
+
+PROFILES = ("smoke", "cpu", "gpu")
+ENV_VAR = "PKM_REF_PROFILE"
+T = TypeVar("T")
+
+
+def default_profile() -> str:
+    """``gpu`` when CUDA is available, else ``cpu``."""
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def current_profile() -> str:
+    """The profile named by ``PKM_REF_PROFILE``, or ``default_profile()`` when unset."""
+    name = os.environ.get(ENV_VAR, "").strip().lower() or default_profile()
+    if name not in PROFILES:
+        raise ValueError(f"{ENV_VAR} must be one of {list(PROFILES)}, got {name!r}")
+    return name
+
+
+def by_profile(smoke: T, cpu: T, gpu: T, profile: str | None = None) -> T:
+    """The value for ``profile`` (default: ``current_profile()``)."""
+    profile = current_profile() if profile is None else profile
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
+    return {"smoke": smoke, "cpu": cpu, "gpu": gpu}[profile]
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

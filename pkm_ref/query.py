@@ -1,0 +1,93 @@
+"""The query network of a memory layer: a Linear map, then an optional normalisation.
+
+Taught in ``notebooks/03_batchnorm_queries.ipynb``.
+
+Batchnorm on the queries spreads them over the keys, so more memory slots get used (paper,
+section 3.3). Two sharp edges of public implementations are avoided here:
+
+* ``BatchNorm1d`` applied to a (batch, time, dim) tensor normalises over *time*. We always flatten
+  every leading dimension first, so statistics are taken per feature over all (N, C) positions.
+* Padded positions would pollute the batch statistics and the running averages.
+  ``MaskedBatchNorm1d`` takes a mask and computes both over the real positions only.
+
+A third is a property, not a bug: at train time batchnorm mixes statistics across all positions of
+the batch, so in a causal language model a token's query depends slightly on later tokens.
+LayerNorm normalises each query on its own and has no such leak.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pkm_ref import _checks
+
+QUERY_NORMS = ("batchnorm", "layernorm", None)
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` over (N, C) inputs whose statistics ignore masked-out rows.
+
+    ``forward(x, mask)``: ``x`` (N, C); ``mask`` (N,) bool, True for real rows, or None (all real).
+    In training the batch mean and biased variance over the real rows normalise *every* row, and
+    the running averages are updated from the real rows only (unbiased variance, as BatchNorm1d).
+    In eval mode the running averages are used and the mask changes nothing.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"MaskedBatchNorm1d expects (N, C) input, got {tuple(x.shape)}")
+        if not self.training or mask is None or bool(mask.all()):
+            return super().forward(x)
+        real = x[mask]  # (N_real, C)
+        n_real = real.shape[0]
+        if n_real < 2:
+            raise ValueError(
+                f"batchnorm needs at least 2 real (unmasked) positions in training, got {n_real}"
+            )
+        mean = real.mean(dim=0)  # (C,)
+        var = real.var(dim=0, unbiased=False)  # (C,)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum
+                if momentum is None:  # cumulative moving average, as BatchNorm1d
+                    momentum = 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (n_real / (n_real - 1))
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(unbiased, momentum)
+        normed = (x - mean) * torch.rsqrt(var + self.eps)  # (N, C)
+        if self.affine:
+            normed = normed * self.weight + self.bias
+        return normed
+
+
+class QueryNetwork(nn.Module):
+    """Maps inputs to one query per head: ``q = norm(W x + b)``.
+
+    ``forward(x, mask)``: ``x`` (N, input_dim), ``mask`` (N,) bool or None -> (N, heads, k_dim).
+
+    ``norm``: "batchnorm" (per feature over all real positions, ``MaskedBatchNorm1d``),
+    "layernorm" (each head's query on its own, one affine shared by the heads), or None.
+    """
+
+    def __init__(self, input_dim: int, k_dim: int, heads: int, norm: str | None = "batchnorm"):
+        super().__init__()
+        _checks.one_of("query_norm", norm, QUERY_NORMS)
+        self.heads, self.k_dim, self.norm_kind = heads, k_dim, norm
+        self.proj = nn.Linear(input_dim, heads * k_dim)
+        if norm == "batchnorm":
+            self.norm: nn.Module | None = MaskedBatchNorm1d(heads * k_dim)
+        elif norm == "layernorm":
+            self.norm = nn.LayerNorm(k_dim)
+        else:
+            self.norm = None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        query = self.proj(x)  # (N, H * k_dim)
+        if self.norm_kind == "batchnorm":
+            query = self.norm(query, mask)  # (N, H * k_dim)
+        query = query.view(-1, self.heads, self.k_dim)  # (N, H, k_dim)
+        if self.norm_kind == "layernorm":
+            query = self.norm(query)  # (N, H, k_dim), each head's query normalised
+        return query
