@@ -110,8 +110,9 @@ class _KeyValueMemory(nn.Module):
         query = self.query(inputs, flat_mask)  # (N, H, k_dim)
         query = F.dropout(query, self.query_dropout, self.training)  # (N, H, k_dim)
         scores, indices = self._search(query)  # (N, H, knn) each
-        # Softmax in float32 even under reduced precision: the weights must sum to one.
-        weights = F.softmax(scores.float(), dim=-1).type_as(scores)  # (N, H, knn)
+        # Softmax in at least float32 even under reduced precision: the weights must sum to one.
+        softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+        weights = F.softmax(scores, dim=-1, dtype=softmax_dtype).type_as(scores)  # (N, H, knn)
         n_rows = indices.shape[0]
         out = self.values(  # summing over heads and knn: the heads share one table
             indices.reshape(n_rows, -1),  # (N, H * knn)

@@ -52,15 +52,14 @@ def flat_topk(
     if keys.dim() not in (2, 3):
         raise ValueError(f"keys must have shape (N, d) or (H, N, d), got {tuple(keys.shape)}")
     single_head = keys.dim() == 2
+    given_shape = tuple(query.shape)
     if single_head:
         keys = keys.unsqueeze(0)  # (1, N, d)
         query = query.unsqueeze(-2)  # (..., 1, d)
     heads, n_slots, dim = keys.shape
     if query.dim() < 2 or query.shape[-2:] != (heads, dim):
         expected = f"(..., {dim})" if single_head else f"(..., {heads}, {dim})"
-        raise ValueError(
-            f"query must have shape {expected} to match keys, got {tuple(query.shape)}"
-        )
+        raise ValueError(f"query must have shape {expected} to match keys, got {given_shape}")
     _checks.knn_within(knn, n_slots, "the number of keys N")
 
     lead_shape = query.shape[:-2]
@@ -130,15 +129,14 @@ def product_topk(
             f"got {tuple(subkeys.shape)}"
         )
     single_head = subkeys.dim() == 3
+    given_shape = tuple(query.shape)
     if single_head:
         subkeys = subkeys.unsqueeze(0)  # (1, 2, n, half)
         query = query.unsqueeze(-2)  # (..., 1, k_dim)
     heads, _, n_keys, half = subkeys.shape
     if query.dim() < 2 or query.shape[-2:] != (heads, 2 * half):
         expected = f"(..., {2 * half})" if single_head else f"(..., {heads}, {2 * half})"
-        raise ValueError(
-            f"query must have shape {expected} to match subkeys, got {tuple(query.shape)}"
-        )
+        raise ValueError(f"query must have shape {expected} to match subkeys, got {given_shape}")
     _checks.knn_within(knn, n_keys * n_keys, "the number of product keys n_keys**2")
 
     lead_shape = query.shape[:-2]

@@ -1,0 +1,38 @@
+"""The analytic cost model matches the real modules' parameter counts."""
+
+import pytest
+from torch import nn
+
+from pkm_ref import FlatKeyMemory, ProductKeyMemory, ffn_cost, flat_memory_cost, product_memory_cost
+from pkm_ref.cost import product_vs_flat_speedup
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "layernorm", None])
+def test_parameter_counts_match_modules(norm):
+    product = ProductKeyMemory(24, 20, n_keys=10, k_dim=8, heads=3, knn=5, query_norm=norm)
+    flat = FlatKeyMemory(24, 20, n_slots=100, k_dim=8, heads=3, knn=5, query_norm=norm)
+    assert product_memory_cost(24, 20, 10, 8, 3, 5, norm).parameters == n_params(product)
+    assert flat_memory_cost(24, 20, 100, 8, 3, 5, norm).parameters == n_params(flat)
+    ffn = nn.Sequential(nn.Linear(24, 96), nn.GELU(), nn.Linear(96, 24))
+    assert ffn_cost(24, 96).parameters == n_params(ffn)
+
+
+def test_product_search_is_sublinear():
+    small = product_memory_cost(256, 256, n_keys=64)
+    large = product_memory_cost(256, 256, n_keys=1024)
+    flat_small = flat_memory_cost(256, 256, n_slots=64**2)
+    flat_large = flat_memory_cost(256, 256, n_slots=1024**2)
+    assert flat_large.multiply_adds / flat_small.multiply_adds > 200  # ~ N
+    assert large.multiply_adds / small.multiply_adds < 4  # ~ sqrt(N) + k^2
+    assert large.value_bytes == small.value_bytes == 4 * 32 * 256 * 4
+    assert product_vs_flat_speedup(1024**2) == pytest.approx(1024**2 * 128 / (1024 * 128 + 1024))
+
+
+def test_active_parameters_are_a_sliver_of_a_large_memory():
+    cost = product_memory_cost(256, 256, n_keys=512)
+    assert cost.parameters == n_params(ProductKeyMemory(256, 256, n_keys=512))
+    assert cost.active_parameters < cost.parameters / 50

@@ -1,0 +1,44 @@
+"""environment.yml (conda) and pyproject.toml (pip) name the same dependencies."""
+
+import re
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+# conda-forge spells a few packages differently from PyPI.
+CONDA_NAMES = {"torch": "pytorch"}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;@]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pyproject_names() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["dev"]
+    return {CONDA_NAMES.get(_name(r), _name(r)) for r in requirements}
+
+
+def _environment_names() -> set[str]:
+    text = (ROOT / "environment.yml").read_text()
+    names = set()
+    for line in text.split("dependencies:", 1)[1].splitlines():
+        stripped = line.split("#")[0].strip()
+        if stripped.startswith("- ") and not stripped.startswith(("- -e", "- pip:")):
+            names.add(_name(stripped[2:]))
+    return names - {"python", "pip"}
+
+
+def test_environment_matches_pyproject():
+    in_pyproject, in_environment = _pyproject_names(), _environment_names()
+    assert in_pyproject - in_environment == set(), "missing from environment.yml"
+    assert in_environment - in_pyproject == set(), "missing from pyproject.toml"
+
+
+def test_torch_is_a_loose_lower_bound():
+    """Never a pin: installing pkm_ref must not replace Colab's (or the user's) torch."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch_requirement = next(r for r in project["dependencies"] if _name(r) == "torch")
+    assert torch_requirement.replace(" ", "").startswith("torch>=")
+    assert "<" not in torch_requirement and "==" not in torch_requirement

@@ -1,0 +1,69 @@
+"""Bad input fails at once with an error that names the parameter and the value."""
+
+import pytest
+import torch
+
+from pkm_ref import FlatKeyMemory, ProductKeyMemory, flat_topk, product_topk
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(k_dim=7), ValueError, "k_dim must be even.*got 7"),
+        (dict(k_dim=0), ValueError, "k_dim must be >= 1, got 0"),
+        (dict(knn=0), ValueError, "knn must be >= 1, got 0"),
+        (dict(n_keys=4, knn=17), ValueError, r"knn must be <= .*n_slots \(16\), got 17"),
+        (dict(n_keys=0), ValueError, "n_keys must be >= 1, got 0"),
+        (dict(heads=-1), ValueError, "heads must be >= 1, got -1"),
+        (dict(input_dim=0), ValueError, "input_dim must be >= 1, got 0"),
+        (dict(output_dim=2.5), TypeError, "output_dim must be an int, got float 2.5"),
+        (dict(query_norm="rmsnorm"), ValueError, "query_norm must be one of .*'rmsnorm'"),
+        (dict(value_dropout=1.0), ValueError, r"value_dropout must be in \[0, 1\), got 1.0"),
+        (dict(knn=True), TypeError, "knn must be an int, got bool"),
+    ],
+)
+def test_product_key_memory_arguments(kwargs, error, message):
+    options = dict(input_dim=8, output_dim=8, n_keys=8, k_dim=8, heads=2, knn=4)
+    with pytest.raises(error, match=message):
+        ProductKeyMemory(**{**options, **kwargs})
+
+
+def test_flat_memory_arguments():
+    with pytest.raises(ValueError, match="n_slots must be >= 1, got 0"):
+        FlatKeyMemory(8, 8, n_slots=0)
+    with pytest.raises(ValueError, match=r"knn must be <= .*\(10\), got 11"):
+        FlatKeyMemory(8, 8, n_slots=10, k_dim=4, knn=11)
+
+
+def test_forward_inputs():
+    memory = ProductKeyMemory(8, 8, n_keys=4, k_dim=4, heads=1, knn=2)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., input_dim=8\), got \(2, 3"):
+        memory(torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        memory(torch.ones(2, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
+        memory([[0.0] * 8])
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(2, 3\)"):
+        memory(torch.randn(2, 3, 8), mask=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        memory(torch.randn(2, 3, 8), mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="at least 2 real"):
+        memory(torch.randn(2, 8), mask=torch.tensor([True, False]))
+
+
+def test_search_inputs():
+    subkeys = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match=r"query must have shape \(..., 6\).*got \(5, 4\)"):
+        product_topk(torch.randn(5, 4), subkeys, 2)
+    with pytest.raises(ValueError, match="subkeys must have shape"):
+        product_topk(torch.randn(5, 6), torch.randn(3, 4, 3), 2)
+    with pytest.raises(ValueError, match=r"knn must be <= .*\(16\), got 17"):
+        product_topk(torch.randn(5, 6), subkeys, 17)
+    with pytest.raises(ValueError, match=r"query must have shape \(..., 2, 6\)"):
+        product_topk(torch.randn(5, 6), torch.randn(2, 2, 4, 3), 2)
+    with pytest.raises(ValueError, match=r"knn must be <= the number of keys N \(4\), got 5"):
+        flat_topk(torch.randn(3, 2), torch.randn(4, 2), 5)
+    with pytest.raises(ValueError, match="keys must have shape"):
+        flat_topk(torch.randn(3, 2), torch.randn(4), 1)
+    with pytest.raises(TypeError, match="query must have a floating dtype"):
+        flat_topk(torch.ones(3, 2, dtype=torch.long), torch.randn(4, 2), 1)
