@@ -29,12 +29,14 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 # ----------------------------------------------------------------------------- tokenisers
 
@@ -89,7 +91,7 @@ def _codepoints(text: str) -> torch.Tensor:
 
 
 class CharTokenizer:
-    """One token per distinct character of a corpus, ids in sorted character order.
+    """One token per distinct character: ids are positions in ``chars`` (sorted by from_text).
 
     Save ``chars`` with a checkpoint: ``CharTokenizer(chars)`` rebuilds the same tokeniser.
     ``encode`` returns ``torch.int64`` ids.
@@ -222,8 +224,12 @@ _REMOTES: dict[str, dict[str, tuple[str, int | None]]] = {
     "enwik8": {"enwik8.zip": ("http://mattmahoney.net/dc/enwik8.zip", 36_445_475)},
     "wikitext-103": {
         f"{split}.parquet": (f"{_WIKITEXT}/{split}.parquet", None)
-        for split in ("train-00000-of-00002", "train-00001-of-00002")
-        + ("validation-00000-of-00001", "test-00000-of-00001")
+        for split in (
+            "train-00000-of-00002",
+            "train-00001-of-00002",
+            "validation-00000-of-00001",
+            "test-00000-of-00001",
+        )
     },
 }
 _TIMEOUT_S = 30
@@ -233,8 +239,8 @@ def download_file(url: str, dest: Path, *, corpus: str, size: int | None = None)
     """Download ``url`` to ``dest`` once; later calls return the cached ``dest`` at once.
 
     The file is verified against ``size`` in bytes (else the server's Content-Length, when it
-    sends one). It is written to a temporary file that is renamed to
-    ``dest`` only once verified, so no partial file is ever left under ``dest``.
+    sends one). It is written to a temporary file, renamed to ``dest`` only once verified, so
+    no partial file is ever left in the cache; a progress bar shows the download.
 
     Raises CorpusUnavailableError naming ``corpus``, the URL and the offline corpora when the
     download fails (no network, timeout, HTTP error) or the file does not verify.
