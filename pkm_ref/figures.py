@@ -1,9 +1,10 @@
 """The one place that writes figures and result tables.
 
 Every figure and table of the project goes through ``save_figure`` / ``save_results``, which
-record the device, profile, versions and date beside them. Full-profile runs (``cpu``, ``gpu``)
-write into the repository's ``figures/``; ``smoke`` runs write into a scratch folder, so tests and
-CI never overwrite the committed results. ``PKM_REF_FIGURES`` overrides the folder.
+record the device, profile, versions and date beside them. ``cpu`` runs write into the
+repository's ``figures/`` and ``gpu`` runs into ``figures/gpu/``, so neither overwrites the other;
+``smoke`` runs write into a scratch folder, so tests and CI never overwrite committed results.
+``PKM_REF_FIGURES`` overrides the folder.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ _REPO_FIGURES = Path(__file__).resolve().parent.parent / "figures"
 
 
 def output_dir(profile: str | None = None) -> Path:
-    """Where results of ``profile`` go: ``$PKM_REF_FIGURES``, else ``figures/`` (smoke: scratch).
+    """Where results of ``profile`` go: ``$PKM_REF_FIGURES``, else ``figures/`` (cpu),
+    ``figures/gpu/`` (gpu) or a scratch folder (smoke).
 
-    Outside a repository checkout (a pip install), full-profile results go to ``./figures``.
+    Outside a repository checkout (a pip install), ``./figures`` replaces ``figures/``.
     """
     profile = current_profile() if profile is None else profile
     if os.environ.get("PKM_REF_FIGURES"):
         folder = Path(os.environ["PKM_REF_FIGURES"])
     elif profile == "smoke":
         folder = Path(tempfile.gettempdir()) / "pkm_ref_smoke_figures"
-    elif _REPO_FIGURES.parent.joinpath("pyproject.toml").exists():
-        folder = _REPO_FIGURES
     else:
-        folder = Path.cwd() / "figures"
+        in_checkout = _REPO_FIGURES.parent.joinpath("pyproject.toml").exists()
+        root = _REPO_FIGURES if in_checkout else Path.cwd() / "figures"
+        folder = root if profile == "cpu" else root / profile
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
