@@ -1,0 +1,326 @@
+"""The study's report: ``RESULTS.md`` beside the figures, and the generated blocks of the README.
+
+``write_results(profile)`` is the last step of ``pkm-ref reproduce``. It lists every figure and
+result table in the profile's output folder (``pkm_ref.figures.output_dir``) with a paragraph each:
+what it shows, where it comes from, and, where the paper makes a claim, whether this run agrees.
+Every figure the project makes is registered in ``FIGURES`` below; a figure that is not is listed
+as unregistered (and a test fails), so no figure is ever orphaned.
+
+For the ``cpu`` profile (the committed results) it also refreshes the blocks of README.md between
+``<!-- BEGIN generated: NAME -->`` and ``<!-- END generated: NAME -->``, so the numbers the README
+quotes always come from the result files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pkm_ref.figures import output_dir, run_metadata
+from pkm_ref.notebook import REPOSITORY
+
+ROOT = Path(__file__).resolve().parent.parent
+COLAB = "https://colab.research.google.com"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A registered figure: its section, its source, what it shows, and its claim check."""
+
+    section: str
+    source: str  # the notebook or command that writes it
+    shows: str
+    verdict: Callable[[Path], str] | None = None  # reads the result files in the folder
+
+
+def _rows(folder: Path, name: str) -> list[dict] | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else None
+
+
+def _median(rows: list[dict], case: str, slots: int) -> float | None:
+    return next((r["median_ms"] for r in rows if r["case"] == case and r["slots"] == slots), None)
+
+
+def _retrieval_verdict(folder: Path) -> str:
+    rows = _rows(folder, "bench_retrieval")
+    if not rows:
+        return "No retrieval results in this folder."
+    common = sorted({r["slots"] for r in rows if r["case"] == "flat keys"})
+    small, large = common[0], common[-1]
+    flat_growth = _median(rows, "flat keys", large) / _median(rows, "flat keys", small)
+    product_growth = _median(rows, "product keys", large) / _median(rows, "product keys", small)
+    ratio = _median(rows, "flat keys", large) / _median(rows, "product keys", large)
+    agrees = flat_growth > 10 * product_growth
+    return (
+        f"From {small:,} to {large:,} slots ({large // small}x), flat-key retrieval got "
+        f"{flat_growth:.0f}x slower and product-key retrieval {product_growth:.1f}x slower; at "
+        f"{large:,} slots flat keys take {ratio:.0f}x as long. The paper's claim (flat-key speed "
+        f"falls sharply as the memory grows, product keys barely change): "
+        f"**{'agrees' if agrees else 'does not agree'}**."
+    )
+
+
+def _lm_verdict(folder: Path) -> str:
+    from pkm_ref.experiment import verdict
+
+    rows = _rows(folder, "lm_comparison")
+    if not rows:
+        return "No language-model results in this folder."
+    by_role = {row["role"]: row for row in rows}
+    agrees = (
+        by_role["memory"]["test_bpb"] < by_role["deep"]["test_bpb"]
+        and by_role["memory"]["infer_tok_s"] > by_role["deep"]["infer_tok_s"]
+    )
+    return (
+        f"{verdict(rows)} The paper's claim (a shallow model with a memory beats a deeper one and "
+        f"runs faster): **{'agrees' if agrees else 'does not agree'}** at this scale."
+    )
+
+
+# name (file stem) -> Figure. Sections appear in RESULTS.md in this order.
+SECTIONS = ("Language model", "Speed and complexity", "Notebooks")
+FIGURES: dict[str, Figure] = {
+    "lm_learning_curves": Figure(
+        "Language model",
+        "pkm-ref compare",
+        "Validation bits per byte against training tokens for the dense L-layer model, the dense "
+        "2L-layer model and the L-layer model with a product-key memory at mid-depth, all trained "
+        "on the same tokens.",
+        _lm_verdict,
+    ),
+    "lm_memory_sweep": Figure(
+        "Language model",
+        "pkm-ref compare",
+        "Test bits per byte of the L-layer model with a memory against the number of memory "
+        "slots (the dense models as horizontal lines). The paper reports perplexity improving "
+        "with memory size.",
+    ),
+    "bench_retrieval": Figure(
+        "Speed and complexity",
+        "pkm-ref bench retrieval",
+        "Time to search 4,096 queries (4 heads, knn 32, k_dim 128) and read their values, flat "
+        "keys against product keys, as the memory grows; the analytic O(N) and O(sqrt(N) + k^2) "
+        "curves are scaled to the measurements.",
+        _retrieval_verdict,
+    ),
+    "bench_layer": Figure(
+        "Speed and complexity",
+        "pkm-ref bench layer",
+        "A ProductKeyMemory layer's forward and forward+backward time against the dense FFN it "
+        "replaces, across memory sizes, and the cost of a sparse (SparseAdam) against a dense "
+        "(Adam) value update.",
+    ),
+    "bench_model": Figure(
+        "Speed and complexity",
+        "pkm-ref bench model",
+        "Inference tokens/s of the language model as the memory grows, with flat and with product "
+        "keys (the paper's speed figure), and dense L / dense 2L / L + memory at equal settings.",
+    ),
+    "00_memory_layer_diagram": Figure(
+        "Notebooks",
+        "notebooks/00_overview.ipynb",
+        "Where a memory layer sits in a transformer block and the steps of a read.",
+    ),
+    "00_cost_per_token": Figure(
+        "Notebooks",
+        "notebooks/00_overview.ipynb",
+        "Analytic multiply-adds per token of flat keys, product keys and an FFN against memory "
+        "size.",
+    ),
+    "01_recall_training": Figure(
+        "Notebooks",
+        "notebooks/01_flat_key_memory.ipynb",
+        "A flat-key memory learning a key-to-value recall task, against an MLP of the same "
+        "multiply-adds.",
+    ),
+    "01_flat_cost_scaling": Figure(
+        "Notebooks",
+        "notebooks/01_flat_key_memory.ipynb",
+        "Flat-key memory cost grows linearly with the number of slots: measured time beside the "
+        "analytic multiply-adds.",
+    ),
+    "02_candidate_grid": Figure(
+        "Notebooks",
+        "notebooks/02_product_keys.ipynb",
+        "The product-key search on the n x n grid of keys: the k x k candidate block, and the "
+        "chosen slots equal to brute force.",
+    ),
+    "02_staircase": Figure(
+        "Notebooks",
+        "notebooks/02_product_keys.ipynb",
+        "The exact staircase bound: candidates at ranks (i, j) with i*j > k can never win, so "
+        "about k ln k candidates suffice instead of k^2.",
+    ),
+    "02_search_cost": Figure(
+        "Notebooks",
+        "notebooks/02_product_keys.ipynb",
+        "Flat against product-key search time as the number of keys grows, measured and analytic.",
+    ),
+    "03_training_loss": Figure(
+        "Notebooks",
+        "notebooks/03_batchnorm_queries.ipynb",
+        "Training loss of the same memory with no query norm, LayerNorm and BatchNorm.",
+    ),
+    "03_usage_maps": Figure(
+        "Notebooks",
+        "notebooks/03_batchnorm_queries.ipynb",
+        "How often each slot is read after training, per query norm, with usage and KL: the "
+        "paper reports batchnorm queries using more of the memory (lower KL).",
+    ),
+    "04_bag_vs_gather": Figure(
+        "Notebooks",
+        "notebooks/04_multihead_memory_gpu.ipynb",
+        "EmbeddingBag with per-sample weights against gather-then-sum: same numbers, different "
+        "time and memory.",
+    ),
+    "04_optimizer_step_time": Figure(
+        "Notebooks",
+        "notebooks/04_multihead_memory_gpu.ipynb",
+        "Time of one value-table update, SparseAdam against dense Adam, as the table grows.",
+    ),
+    "04_heads_quality": Figure(
+        "Notebooks",
+        "notebooks/04_multihead_memory_gpu.ipynb",
+        "Loss and slot usage against the number of heads; the paper reports more heads helping.",
+    ),
+    "04_layer_scaling": Figure(
+        "Notebooks",
+        "notebooks/04_multihead_memory_gpu.ipynb",
+        "The multi-head layer's time as the memory grows, on the notebook's device.",
+    ),
+}
+# Result tables (``<name>.md`` written by pkm_ref.figures.save_results) shown in RESULTS.md.
+TABLES = {
+    "lm_comparison": "Language model",
+    "bench_retrieval": "Speed and complexity",
+    "bench_layer": "Speed and complexity",
+    "bench_model": "Speed and complexity",
+    "reproduce_steps": "Notebooks",
+}
+
+
+def write_results(profile: str) -> Path:
+    """Write ``RESULTS.md`` into ``output_dir(profile)``; refresh the README for ``cpu``."""
+    folder = output_dir(profile)
+    meta = run_metadata(profile)
+    lines = [
+        "# Results",
+        "",
+        f"Written by `pkm-ref reproduce --profile {profile}` on {meta['device']} "
+        f"({meta['date']}; torch {meta['torch']}, Python {meta['python']}). Each table below "
+        "records the device, profile and date of its own run.",
+        "",
+    ]
+    for section in SECTIONS:
+        lines += [f"## {section}", ""]
+        for name, table_section in TABLES.items():
+            if table_section == section and (folder / f"{name}.md").exists():
+                lines += _table_block(folder / f"{name}.md")
+        for name, figure in FIGURES.items():
+            if figure.section != section:
+                continue
+            if not (folder / f"{name}.png").exists():
+                lines += [f"### {name}", "", f"Not produced in this run (`{figure.source}`).", ""]
+                continue
+            lines += [f"### {name}", "", f"![{name}]({name}.png)", "", figure.shows,
+                      f"Source: `{figure.source}`.", ""]  # fmt: skip
+            if figure.verdict is not None:
+                lines += [figure.verdict(folder), ""]
+    orphans = sorted(p.stem for p in folder.glob("*.png") if p.stem not in FIGURES)
+    if orphans:
+        lines += ["## Unregistered figures", "", *[f"- {name}.png" for name in orphans], ""]
+    path = folder / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    if profile == "cpu" and folder == ROOT / "figures":
+        refresh_readme(folder)
+    return path
+
+
+def _table_block(path: Path) -> list[str]:
+    """A result table's Markdown, its title demoted to a level-3 heading."""
+    text = path.read_text().strip().splitlines()
+    return ["#" * 2 + text[0], *text[1:], ""]
+
+
+def refresh_readme(folder: Path) -> None:
+    """Rewrite the README's generated blocks from the result files in ``folder``."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    blocks = {
+        "speed-figure": _speed_block(folder),
+        "headline": _headline_block(folder),
+        "notebook-table": _notebook_table(folder),
+    }
+    for name, body in blocks.items():
+        pattern = re.compile(
+            rf"(<!-- BEGIN generated: {name} -->\n).*?(<!-- END generated: {name} -->)", re.S
+        )
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
+    readme.write_text(text)
+
+
+def _speed_block(folder: Path) -> str:
+    if not (folder / "bench_retrieval.png").exists():
+        return ""
+    return (
+        "![Retrieval time against memory size, flat vs product keys](figures/bench_retrieval.png)"
+        f"\n\n{_retrieval_verdict(folder)} (source: "
+        "[figures/bench_retrieval.md](figures/bench_retrieval.md))\n"
+    )
+
+
+def _headline_block(folder: Path) -> str:
+    if not (folder / "lm_comparison.md").exists():
+        return ""
+    table = [line for line in (folder / "lm_comparison.md").read_text().splitlines()
+             if line.startswith("|")]  # fmt: skip
+    meta = json.loads((folder / "lm_comparison.json").read_text())["meta"]
+    return (
+        f"**Shallow + memory vs deep** ({meta['profile']} profile, {meta['device']}, "
+        f"{meta['date']}; source: [figures/lm_comparison.md](figures/lm_comparison.md)):\n\n"
+        + "\n".join(table)
+        + f"\n\n{_lm_verdict(folder)}\n"
+    )
+
+
+def _notebook_table(folder: Path) -> str:
+    timings = {row["step"]: row["seconds"] for row in (_rows(folder, "reproduce_steps") or [])}
+    gpu_timings = {
+        row["step"]: row["seconds"] for row in (_rows(folder / "gpu", "reproduce_steps") or [])
+    }
+    lines = [
+        "| notebook | what you learn | Colab | time cpu / gpu |",
+        "|---|---|---|---|",
+    ]
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        title, summary = _title_and_summary("".join(cells[0]["source"]))
+        badge = (
+            f"[![Open In Colab]({COLAB}/assets/colab-badge.svg)]"
+            f"({COLAB}/github/{REPOSITORY}/blob/main/notebooks/{path.name})"
+        )
+        cpu, gpu = (_minutes(t.get(f"notebook-{path.stem}")) for t in (timings, gpu_timings))
+        lines.append(f"| [{title}](notebooks/{path.name}) | {summary} | {badge} | {cpu} / {gpu} |")
+    return "\n".join(lines) + "\n"
+
+
+def _title_and_summary(markdown: str) -> tuple[str, str]:
+    """The first heading, and the first sentence of the first paragraph after the badge."""
+    lines = [line.strip() for line in markdown.splitlines()]
+    title = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
+    prose = next(
+        (line for line in lines if line and not line.startswith(("#", "[", "!", ">", "|", "-"))),
+        "",
+    )
+    sentence = re.split(r"(?<=[.!?])\s", prose, maxsplit=1)[0]
+    return title, sentence.replace("|", "\\|")
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "not measured"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"

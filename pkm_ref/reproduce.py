@@ -1,0 +1,273 @@
+"""``pkm-ref reproduce``: rebuild every figure and table of the study with one command.
+
+For one runtime profile it runs, in order: the language-model comparison (``pkm-ref compare``),
+the benchmarks (``pkm-ref bench retrieval|layer|model``), every notebook (executed top to bottom
+in a fresh kernel), and finally writes ``figures/RESULTS.md`` (``pkm_ref.report``).
+
+* ``cpu`` and ``gpu`` execute the notebooks in place, so the committed notebooks carry this run's
+  outputs; ``smoke`` executes copies in a scratch folder and never touches committed notebooks or
+  figures (``pkm_ref.figures`` sends smoke results to scratch as well).
+* A step whose inputs (the package's code, and a notebook's own cells) have not changed since it
+  last finished for this profile is skipped, unless ``--force``. The record lives in
+  ``<runs>/<profile>/reproduce_state.json``; the language-model comparison keeps checkpoints and
+  finished models under ``<runs>/<profile>/``, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pkm_ref.profiles import ENV_VAR, PROFILES, by_profile, default_profile
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+NOTEBOOKS_DIR = PACKAGE_DIR.parent / "notebooks"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of work: ``run`` does it; ``seconds`` estimates it for the progress display."""
+
+    name: str
+    run: Callable[[], None]
+    seconds: float
+    inputs: tuple[Path, ...] = ()  # files besides the package code whose change reruns it
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile", choices=PROFILES, default=None,
+        help="runtime profile (default: gpu with CUDA, else cpu)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None,
+        help="device for training and benchmarks (default: cuda when available)",
+    )  # fmt: skip
+    parser.add_argument("--corpus", default="sotu", help="corpus of the language-model comparison")
+    parser.add_argument("--runs", default="runs", help="folder for checkpoints and the step record")
+    parser.add_argument("--force", action="store_true", help="redo steps that are up to date")
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="STEP",
+        help="run only these steps (names as listed by --list)",
+    )  # fmt: skip
+    parser.add_argument("--list", action="store_true", help="list the steps and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = args.profile or default_profile()
+    try:
+        device = _check_device(args.device)
+        _check_corpus(args.corpus)
+        runs_dir = _writable(Path(args.runs) / profile)
+        figures_dir = _writable(_figures_dir(profile))
+    except (ValueError, OSError) as error:
+        print(f"pkm-ref reproduce: {error}", file=sys.stderr)
+        return 2
+
+    steps = _steps(profile, device, args.corpus, runs_dir)
+    if args.list:
+        for step in steps:
+            print(f"{step.name:28s} ~{step.seconds / 60:.1f} min")
+        return 0
+    if args.only:
+        unknown = sorted(set(args.only) - {s.name for s in steps})
+        if unknown:
+            names = ", ".join(s.name for s in steps)
+            print(f"pkm-ref reproduce: unknown step(s) {unknown}; steps: {names}", file=sys.stderr)
+            return 2
+        steps = [s for s in steps if s.name in args.only]
+
+    state_path = runs_dir / "reproduce_state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    print(f"reproduce: profile {profile}, device {device}, results in {figures_dir}")
+    _run_steps(steps, state, state_path, force=args.force)
+    _record_timings(steps, state, profile, device)
+    from pkm_ref.report import write_results
+
+    print(f"done: see {write_results(profile)}")
+    return 0
+
+
+def _steps(profile: str, device: str, corpus: str, runs_dir: Path) -> list[Step]:
+    """The study, in order. Every step goes through the same CLI a user would type."""
+    from pkm_ref.cli import main as cli
+
+    def command(*argv: str) -> Callable[[], None]:
+        def run_command() -> None:
+            if cli(list(argv)) != 0:
+                raise RuntimeError(f"`pkm-ref {' '.join(argv)}` failed")
+
+        return run_command
+
+    common = ("--profile", profile, "--device", device)
+    steps = [
+        Step(
+            "lm-comparison",
+            command("compare", *common, "--corpus", corpus, "--runs", str(runs_dir.parent)),
+            by_profile(60, 900, 480, profile),
+        )
+    ]
+    for kind in ("retrieval", "layer", "model"):
+        steps.append(
+            Step(
+                f"bench-{kind}", command("bench", kind, *common), by_profile(30, 240, 120, profile)
+            )
+        )
+    for notebook in sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
+        steps.append(
+            Step(
+                f"notebook-{notebook.stem}",
+                lambda nb=notebook: execute_notebook(nb, profile),
+                by_profile(45, 180, 90, profile),
+                inputs=(notebook,),
+            )
+        )
+    return steps
+
+
+def _run_steps(steps: list[Step], state: dict, state_path: Path, force: bool) -> None:
+    """Run the steps that are not up to date, with one overall progress bar (time-weighted)."""
+    from tqdm import tqdm
+
+    code = _code_version()
+    total = sum(s.seconds for s in steps)
+    with tqdm(total=round(total), unit="s", desc="reproduce", dynamic_ncols=True) as bar:
+        for index, step in enumerate(steps, 1):
+            version = _step_version(code, step)
+            bar.set_postfix_str(f"step {index}/{len(steps)}: {step.name}")
+            if not force and state.get(step.name, {}).get("version") == version:
+                bar.write(f"[{index}/{len(steps)}] {step.name}: up to date, skipped")
+            else:
+                bar.write(f"[{index}/{len(steps)}] {step.name} ...")
+                start = time.perf_counter()
+                step.run()
+                seconds = time.perf_counter() - start
+                bar.write(f"[{index}/{len(steps)}] {step.name}: {seconds:.0f} s")
+                state[step.name] = {"version": version, "seconds": round(seconds, 1)}
+                _atomic_write(state_path, json.dumps(state, indent=2) + "\n")
+            bar.update(round(step.seconds))
+
+
+def _record_timings(steps: list[Step], state: dict, profile: str, device: str) -> None:
+    """Write how long each step took (the README's notebook table quotes these)."""
+    from pkm_ref.figures import save_results
+
+    rows = [{"step": s.name, "seconds": state.get(s.name, {}).get("seconds")} for s in steps]
+    save_results("reproduce_steps", rows, profile, device, title="Time per reproduce step")
+
+
+def execute_notebook(path: Path, profile: str) -> Path:
+    """Run ``path`` top to bottom in a fresh kernel with ``PKM_REF_PROFILE=profile``.
+
+    ``cpu``/``gpu``: the executed notebook replaces ``path``. ``smoke``: it is written to a scratch
+    copy, and the committed notebook is left alone. Returns the written path.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=by_profile(300, 1800, 1800, profile),
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    with _environment(**{ENV_VAR: profile}):
+        client.execute()
+    if profile == "smoke":
+        target = Path(tempfile.gettempdir()) / "pkm_ref_smoke_notebooks" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        target = path
+    _atomic_write(target, nbformat.writes(notebook) + "\n")
+    return target
+
+
+def _code_version() -> str:
+    """A hash of the package's code: results computed by other code are stale."""
+    digest = hashlib.sha256()
+    for source in sorted(PACKAGE_DIR.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _step_version(code: str, step: Step) -> str:
+    digest = hashlib.sha256(code.encode())
+    for path in step.inputs:
+        digest.update(_notebook_sources(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def _notebook_sources(path: Path) -> str:
+    """A notebook's cell sources only: executing it (new outputs) must not make it stale."""
+    cells = json.loads(path.read_text())["cells"]
+    return "\n".join("".join(cell["source"]) for cell in cells)
+
+
+def _check_device(device: str | None) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; "
+                         "drop --device (CPU is used) or run on a machine with a GPU")  # fmt: skip
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_corpus(corpus: str) -> None:
+    """Fail now, not after an hour, if the corpus cannot be loaded on this machine."""
+    from pkm_ref.data import CorpusUnavailableError, load_corpus
+
+    try:
+        load_corpus(corpus, max_chars=10_000)
+    except CorpusUnavailableError as error:
+        raise ValueError(str(error)) from None
+
+
+def _figures_dir(profile: str) -> Path:
+    from pkm_ref.figures import output_dir
+
+    return output_dir(profile)
+
+
+def _writable(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot write to {folder} ({error.strerror}); choose another folder "
+                      "(--runs, or PKM_REF_FIGURES for the figures)") from None  # fmt: skip
+    return folder
+
+
+@contextmanager
+def _environment(**variables: str):
+    """Set environment variables for the block (notebook kernels inherit them)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so an interruption never leaves half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
+    shutil.move(temporary, path)

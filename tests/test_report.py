@@ -1,0 +1,63 @@
+"""RESULTS.md names every figure; no figure in figures/ is orphaned; verdicts read the results."""
+
+import json
+
+from pkm_ref import report
+
+
+def test_every_committed_figure_is_registered():
+    committed = {p.stem for p in (report.ROOT / "figures").rglob("*.png")}
+    assert committed - set(report.FIGURES) == set(), "register these in pkm_ref/report.py"
+
+
+def test_every_registered_figure_has_a_known_section():
+    assert {f.section for f in report.FIGURES.values()} <= set(report.SECTIONS)
+    assert set(report.TABLES.values()) <= set(report.SECTIONS)
+
+
+def _write(folder, name, rows):
+    (folder / f"{name}.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+
+
+def test_results_name_every_figure_and_judge_the_claims(tmp_path, monkeypatch):
+    monkeypatch.setenv("PKM_REF_FIGURES", str(tmp_path))
+    rows = [
+        {"case": case, "slots": slots, "median_ms": ms}
+        for case, slots, ms in [
+            ("flat keys", 4096, 10.0), ("product keys", 4096, 5.0),
+            ("flat keys", 2**20, 2560.0), ("product keys", 2**20, 6.0),
+        ]
+    ]  # fmt: skip
+    _write(tmp_path, "bench_retrieval", rows)
+    (tmp_path / "bench_retrieval.png").write_bytes(b"png")
+    (tmp_path / "stray_plot.png").write_bytes(b"png")
+    text = report.write_results("smoke").read_text()
+    assert "256x slower" in text and "**agrees**" in text
+    assert "## Unregistered figures" in text and "stray_plot.png" in text
+    for name in report.FIGURES:
+        assert f"### {name}" in text
+
+
+def test_lm_verdict_says_when_the_claim_fails(tmp_path):
+    rows = [
+        dict(model=model, role=role, test_bpb=bpb, infer_tok_s=infer, train_tok_s=train)
+        for model, role, bpb, infer, train in [
+            ("dense-2L", "shallow", 2.0, 100, 10),
+            ("dense-4L", "deep", 1.8, 50, 5),
+            ("pkm-2L-n64", "memory", 1.9, 90, 8),
+        ]
+    ]
+    _write(tmp_path, "lm_comparison", rows)
+    assert "**does not agree**" in report._lm_verdict(tmp_path)
+    rows[2]["test_bpb"] = 1.7
+    _write(tmp_path, "lm_comparison", rows)
+    assert "**agrees**" in report._lm_verdict(tmp_path)
+
+
+def test_notebook_table_lists_every_notebook_with_its_badge(tmp_path):
+    table = report._notebook_table(tmp_path)
+    notebooks = sorted((report.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    for path in notebooks:
+        assert f"(notebooks/{path.name})" in table
+        assert f"blob/main/notebooks/{path.name})" in table
+    assert table.count("not measured") == 2 * len(notebooks)

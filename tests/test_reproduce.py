@@ -1,0 +1,88 @@
+"""`pkm-ref reproduce`: bad input fails at once with a message; steps are listed and skipped."""
+
+import json
+
+import pytest
+import torch
+
+import pkm_ref.data
+from pkm_ref import reproduce
+from pkm_ref.cli import main
+
+
+def test_lists_every_step_in_order(capsys):
+    assert main(["reproduce", "--profile", "smoke", "--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names[0] == "lm-comparison"
+    assert names[1:4] == ["bench-retrieval", "bench-layer", "bench-model"]
+    notebooks = sorted(p.stem for p in reproduce.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    assert names[4:] == [f"notebook-{n}" for n in notebooks]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_cuda_without_a_gpu_fails_at_once(capsys):
+    assert main(["reproduce", "--profile", "smoke", "--device", "cuda"]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+def test_unwritable_folder_fails_at_once(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["reproduce", "--profile", "smoke", "--runs", str(blocker / "runs")]) == 2
+    assert "cannot write to" in capsys.readouterr().err
+
+
+def test_unknown_corpus_fails_at_once(capsys):
+    assert main(["reproduce", "--profile", "smoke", "--corpus", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_offline_corpus_fails_at_once(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PKM_REF_CACHE", str(tmp_path))
+    unreachable = {"input.txt": ("http://127.0.0.1:9/input.txt", 1_115_394)}
+    monkeypatch.setitem(pkm_ref.data._REMOTES, "tiny-shakespeare", unreachable)
+    code = main(["reproduce", "--profile", "smoke", "--corpus", "tiny-shakespeare"])
+    assert code == 2
+    assert "tiny-shakespeare" in capsys.readouterr().err
+
+
+def test_unknown_step_is_named(capsys):
+    assert main(["reproduce", "--profile", "smoke", "--only", "bench-everything"]) == 2
+    assert "bench-everything" in capsys.readouterr().err
+
+
+def test_up_to_date_steps_are_skipped_and_force_reruns(tmp_path):
+    calls = []
+    steps = [reproduce.Step("a", lambda: calls.append("a"), 1.0)]
+    state_path = tmp_path / "state.json"
+    state = {}
+    reproduce._run_steps(steps, state, state_path, force=False)
+    reproduce._run_steps(steps, state, state_path, force=False)
+    assert calls == ["a"]
+    assert json.loads(state_path.read_text())["a"]["version"] == state["a"]["version"]
+    reproduce._run_steps(steps, state, state_path, force=True)
+    assert calls == ["a", "a"]
+
+
+def test_a_failed_step_is_not_recorded(tmp_path):
+    def fail():
+        raise RuntimeError("boom")
+
+    state_path = tmp_path / "state.json"
+    with pytest.raises(RuntimeError, match="boom"):
+        reproduce._run_steps([reproduce.Step("bad", fail, 1.0)], {}, state_path, force=False)
+    assert not state_path.exists()
+
+
+def test_notebook_step_is_stale_when_its_cells_change(tmp_path):
+    notebook = tmp_path / "00_x.ipynb"
+    cells = [{"cell_type": "code", "source": ["print(1)"], "outputs": [], "metadata": {}}]
+    notebook.write_text(json.dumps({"cells": cells}))
+    step = reproduce.Step("notebook-00_x", lambda: None, 1.0, inputs=(notebook,))
+    before = reproduce._step_version("code", step)
+    cells[0]["outputs"] = [{"output_type": "stream", "text": "1"}]  # executing it: still fresh
+    notebook.write_text(json.dumps({"cells": cells}))
+    assert reproduce._step_version("code", step) == before
+    cells[0]["source"] = ["print(2)"]  # editing it: stale
+    notebook.write_text(json.dumps({"cells": cells}))
+    assert reproduce._step_version("code", step) != before
