@@ -3,7 +3,7 @@
 Taught in ``notebooks/01_flat_key_memory.ipynb`` (flat), ``02_product_keys.ipynb`` (product keys)
 and ``04_multihead_memory_gpu.ipynb`` (heads, the shared value table, sparse gradients).
 
-For each input x (paper, section 3.1), and each of H heads:
+For each input x (the paper's memory design), and each of H heads:
 
     q_h      = QueryNetwork(x)_h                         query, (k_dim,)
     I_h      = top-knn indices of <q_h, key> over keys   (knn,)

@@ -2,8 +2,8 @@
 
 Taught in ``notebooks/03_batchnorm_queries.ipynb``.
 
-Batchnorm on the queries spreads them over the keys, so more memory slots get used (paper,
-section 3.3). Two sharp edges of public implementations are avoided here:
+Batchnorm on the queries spreads them over the keys, so more memory slots get used (the paper's
+query batchnorm). Two sharp edges of public implementations are avoided here:
 
 * ``BatchNorm1d`` applied to a (batch, time, dim) tensor normalises over *time*. We always flatten
   every leading dimension first, so statistics are taken per feature over all (N, C) positions.

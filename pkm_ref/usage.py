@@ -119,7 +119,7 @@ class UsageAccumulator:
 def memory_usage(
     indices: torch.Tensor, n_slots: int, weights: torch.Tensor | None = None
 ) -> UsageStats:
-    """Usage statistics of one batch of reads (paper, section 4.4).
+    """Usage statistics of one batch of reads, as the paper reports them.
 
     Args:
         indices: int tensor of slot indices, any shape, e.g. (N, H, knn).
