@@ -80,13 +80,15 @@ def save_results(
     device: torch.device | str | None = None,
     title: str = "",
     notes: str = "",
+    meta: dict | None = None,
 ) -> Path:
     """Write ``rows`` as ``<name>.json`` (with metadata) and ``<name>.md`` (a Markdown table).
 
-    Returns the JSON path. Column order follows the first row.
+    ``meta`` adds fields to the recorded ``run_metadata`` (settings such as dtype or thread count,
+    measured machine limits). Returns the JSON path. Column order follows the first row.
     """
     folder = output_dir(profile)
-    meta = run_metadata(profile, device)
+    meta = {**run_metadata(profile, device), **(meta or {})}
     (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     columns = list(rows[0]) if rows else []
     lines = [f"# {title or name}", ""]

@@ -192,6 +192,24 @@ FIGURES: dict[str, Figure] = {
         "notebooks/04_multihead_memory_gpu.ipynb",
         "The multi-head layer's time as the memory grows, on the notebook's device.",
     ),
+    "06_cost_model": Figure(
+        "Notebooks",
+        "notebooks/06_complexity_and_speed.ipynb",
+        "Analytic multiply-adds and parameters per token of flat keys, product keys and the FFN "
+        "from 2^10 to 2^30 slots (pkm_ref.cost, checked against the modules' parameter counts).",
+    ),
+    "06_time_breakdown": Figure(
+        "Notebooks",
+        "notebooks/06_complexity_and_speed.ipynb",
+        "Where a product-key search spends its time at 2^20 slots, stage by stage (half scores, "
+        "top-k's, k^2 candidates, value read), against the fast exact path.",
+    ),
+    "06_retrieval_live": Figure(
+        "Notebooks",
+        "notebooks/06_complexity_and_speed.ipynb",
+        "The retrieval benchmark re-measured at small sizes on the notebook's device: flat keys, "
+        "reference and fast product keys, value read.",
+    ),
 }
 # Result tables (``<name>.md`` written by pkm_ref.figures.save_results) shown in RESULTS.md.
 TABLES = {

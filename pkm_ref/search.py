@@ -1,7 +1,7 @@
 """Exact top-k key search: flat keys, and product keys.
 
-Taught in ``notebooks/01_flat_key_memory.ipynb`` (flat) and ``notebooks/02_product_keys.ipynb``
-(product keys).
+Taught in ``notebooks/01_flat_key_memory.ipynb`` (flat), ``notebooks/02_product_keys.ipynb``
+(product keys, the staircase) and ``notebooks/06_complexity_and_speed.ipynb`` (the fast path).
 
 Both functions return the exact top-``knn`` keys by inner product with the query, sorted by
 descending score, as ``(scores, indices)`` with int64 indices and scores that stay differentiable
@@ -17,9 +17,18 @@ The top-k of a sum of two independent terms lies inside top-k(first) x top-k(sec
 in the first half's top-k, k other sub-keys beat it with the same i2, so (i1, i2) cannot be in the
 final top-k. Searching the k*k candidate sums is therefore exact, and costs
 O((sqrt(N) + k^2) * d) instead of O(N * d); the N = n^2 full keys are never made.
+
+The same argument prunes further: both per-half lists are sorted, so only the ~k*ln(k) candidates
+of a staircase can win (``staircase``). ``product_topk``'s default fast path searches only those,
+builds slot ids for the winners alone, works through the queries in cache-sized blocks, and on CPU
+ranks integer keys in two short passes. ``method="reference"`` keeps the readable k*k search; the
+tests check that both agree. The speed-up is measured in ``notebooks/06_complexity_and_speed.ipynb``
+and by ``python -m pkm_ref bench``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -28,6 +37,17 @@ from pkm_ref import _checks
 # The flat search scores queries against at most this many (query, key) pairs at a time, so the
 # (queries x N) score matrix is never materialised: 2^24 float32 scores = 64 MiB.
 _FLAT_BLOCK_ELEMENTS = 1 << 24
+
+PRODUCT_METHODS = ("fast", "reference")
+
+# Candidates per row above this overflowed int32 indexing in a CUDA top-k of one public port.
+_MAX_CANDIDATES = 2**31 - 1
+
+# The fast search takes the queries in blocks of at most this many half scores (M_block, H, 2, n).
+# CPU: 2^22 float32 (16 MiB). Temporaries of this size are reused by the allocator, larger ones are
+# mapped afresh and page-faulted on every call (which cost as much as the arithmetic); smaller
+# blocks mean more, shorter kernels. GPU: a block is most of the batch.
+_BLOCK_ELEMENTS = {"cpu": 1 << 22, "other": 1 << 27}
 
 
 def flat_topk(
@@ -106,7 +126,7 @@ def _blockwise_topk(
 
 
 def product_topk(
-    query: torch.Tensor, subkeys: torch.Tensor, knn: int
+    query: torch.Tensor, subkeys: torch.Tensor, knn: int, method: str = "fast"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``knn`` over the n^2 product keys, sorted by descending score.
 
@@ -116,6 +136,11 @@ def product_topk(
     Slot ``i1 * n + i2`` is the key ``[subkeys[0, i1], subkeys[1, i2]]``; its score is
     ``<q[:k_dim/2], subkeys[0, i1]> + <q[k_dim/2:], subkeys[1, i2]>``.
 
+    ``method="reference"`` is the straightforward search taught in notebook 02: all k*k candidate
+    sums. ``method="fast"`` (the default, used by the memory layers) returns the same result from
+    the ~knn*ln(knn) candidates of the staircase (``staircase``), in cache-sized blocks of queries
+    and with the cheapest exact top-k of the device.
+
     Returns:
         scores: (..., knn) or (..., H, knn), same dtype as ``query``, descending, differentiable
             with respect to ``query`` and ``subkeys``.
@@ -123,6 +148,7 @@ def product_topk(
     """
     _checks.floating("query", _checks.tensor("query", query))
     _checks.tensor("subkeys", subkeys)
+    _checks.one_of("method", method, PRODUCT_METHODS)
     if subkeys.dim() not in (3, 4) or subkeys.shape[-3] != 2:
         raise ValueError(
             "subkeys must have shape (2, n_keys, k_dim // 2) or (H, 2, n_keys, k_dim // 2), "
@@ -141,10 +167,25 @@ def product_topk(
 
     lead_shape = query.shape[:-2]
     halves = query.reshape(-1, heads, 2, half)  # (M, H, 2, half)
+    search = _product_topk_fast if method == "fast" else _product_topk_reference
+    scores, indices = search(halves, subkeys, knn)  # (M, H, knn) each
+
+    out_shape = lead_shape + ((knn,) if single_head else (heads, knn))
+    return scores.reshape(out_shape), indices.reshape(out_shape)
+
+
+def _product_topk_reference(
+    halves: torch.Tensor, subkeys: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward search: every one of the k*k candidate sums.
+
+    halves: (M, H, 2, half); subkeys: (H, 2, n, half). Returns two (M, H, knn) tensors.
+    """
+    n_keys = subkeys.shape[2]
+    k_half = min(knn, n_keys)  # with knn > n every sub-key is a candidate
+    _check_candidates(k_half * k_half, knn)
     # Score each query half against its own sub-keys: 2 * n dot products of size d/2.
     half_scores = torch.einsum("mhtd,htnd->mhtn", halves, subkeys)  # (M, H, 2, n)
-    # Top-k per half; with knn > n every sub-key is a candidate.
-    k_half = min(knn, n_keys)
     top_scores, top_idx = half_scores.topk(k_half, dim=-1)  # (M, H, 2, k')
     scores1, scores2 = top_scores.unbind(dim=2)  # (M, H, k') each
     idx1, idx2 = top_idx.unbind(dim=2)  # (M, H, k') each
@@ -153,6 +194,158 @@ def product_topk(
     cand_slots = idx1.unsqueeze(-1) * n_keys + idx2.unsqueeze(-2)  # (M, H, k', k') int64
     scores, pos = cand_scores.flatten(-2).topk(knn, dim=-1)  # (M, H, knn), sorted
     indices = cand_slots.flatten(-2).gather(-1, pos)  # (M, H, knn)
+    return scores, indices
 
-    out_shape = lead_shape + ((knn,) if single_head else (heads, knn))
-    return scores.reshape(out_shape), indices.reshape(out_shape)
+
+# --- The fast exact path ------------------------------------------------------------------------
+
+
+def staircase(knn: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pruned candidate set: 0-based rank pairs (r1, r2) with (r1 + 1) * (r2 + 1) <= knn.
+
+    Both halves' top-k lists are sorted, so the candidate at 1-based ranks (i, j) is beaten or tied
+    by the i * j candidates at ranks (i' <= i, j' <= j). When i * j > knn, at least knn others beat
+    it and it can never be in the top knn. The survivors form a staircase under the hyperbola
+    i * j = knn: sum_i floor(knn / i) ~ knn * ln(knn) pairs (119 instead of 1024 at knn = 32).
+    Ranks stop at min(knn, n_keys).
+
+    Returns:
+        two int64 tensors (C,): the rank in the first half's and in the second half's top list.
+    """
+    _checks.positive_int("n_keys", n_keys)
+    _checks.knn_within(knn, n_keys * n_keys, "the number of product keys n_keys**2")
+    return _staircase(knn, n_keys, torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _staircase(knn: int, n_keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``staircase`` cached per (knn, n_keys, device); built in O(C) memory, no k*k mask."""
+    with torch.inference_mode(False):  # cached tensors must also serve later autograd calls
+        return _build_staircase(knn, n_keys, device)
+
+
+def _build_staircase(
+    knn: int, n_keys: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ranks = torch.arange(min(knn, n_keys))  # (k',) 0-based rank in the first half
+    row_len = (knn // (ranks + 1)).clamp(max=n_keys)  # (k',) partners of each first-half rank
+    _check_candidates(int(row_len.sum()), knn)
+    rank1 = ranks.repeat_interleave(row_len)  # (C,)
+    row_start = (row_len.cumsum(0) - row_len).repeat_interleave(row_len)  # (C,)
+    rank2 = torch.arange(rank1.numel()) - row_start  # (C,) 0 .. row_len - 1 within each row
+    return rank1.to(device), rank2.to(device)
+
+
+def _check_candidates(count: int, knn: int) -> None:
+    if count > _MAX_CANDIDATES:
+        raise ValueError(
+            f"knn={knn} needs {count} candidates per query and head, more than top-k kernels "
+            f"index safely ({_MAX_CANDIDATES}); use a smaller knn"
+        )
+
+
+def _product_topk_fast(
+    halves: torch.Tensor, subkeys: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_product_topk_reference``'s result from the staircase of candidates.
+
+    halves: (M, H, 2, half); subkeys: (H, 2, n, half). Returns two (M, H, knn) tensors.
+    Ranks are chosen without autograd; scores are gathered from the differentiable half scores,
+    so gradients reach the query and the selected sub-keys exactly as in the reference.
+    """
+    heads, _, n_keys, _ = subkeys.shape
+    k_half = min(knn, n_keys)
+    # The per-half top-k', in blocks of queries (see _BLOCK_ELEMENTS).
+    budget = _BLOCK_ELEMENTS["cpu" if halves.device.type == "cpu" else "other"]
+    blocks = halves.split(max(1, budget // (heads * 2 * n_keys)))
+    top_scores, top_idx = _cat_pairs([_half_topk(block, subkeys, k_half) for block in blocks])
+    # The staircase candidates s1[r1] + s2[r2], never the k' x k' grid.
+    rank1, rank2 = _staircase(knn, n_keys, halves.device)  # (C,) each
+    cand_scores = (
+        top_scores[:, :, 0].index_select(-1, rank1)  # (M, H, C)
+        + top_scores[:, :, 1].index_select(-1, rank2)  # (M, H, C)
+    )
+    pos = _topk_indices(cand_scores.detach(), knn)  # (M, H, knn), best first
+    scores = cand_scores.gather(-1, pos)  # (M, H, knn)
+    # Slot ids for the winners only: first-half sub-key * n + second-half sub-key.
+    idx1 = top_idx[:, :, 0].gather(-1, rank1[pos])  # (M, H, knn)
+    idx2 = top_idx[:, :, 1].gather(-1, rank2[pos])  # (M, H, knn)
+    return scores, idx1 * n_keys + idx2
+
+
+def _half_topk(
+    halves: torch.Tensor, subkeys: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k scores and sub-key ids of each query half, best first: (B, H, 2, k) each."""
+    half_scores = torch.einsum("mhtd,htnd->mhtn", halves, subkeys)  # (B, H, 2, n)
+    top_idx = _topk_indices(half_scores.detach(), k)  # (B, H, 2, k)
+    return half_scores.gather(-1, top_idx), top_idx  # (B, H, 2, k) each
+
+
+def _cat_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate a list of (a, b) pairs into (cat(a's), cat(b's)) along dim 0."""
+    if len(pairs) == 1:
+        return pairs[0]
+    first, second = zip(*pairs, strict=True)
+    return torch.cat(first), torch.cat(second)
+
+
+def _topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``scores`` along the last dim, largest first. No autograd.
+
+    GPU: ``torch.topk`` (a radix select). CPU, where ``topk`` runs a comparison select per row at
+    a few ns per entry, two exact savings: for long rows a two-stage select (``_chunked_topk``),
+    and ranking integer keys instead of floats (``_int_topk``).
+    """
+    if scores.device.type != "cpu":
+        return scores.topk(k, dim=-1).indices
+    chunk = _chunk_length(scores.shape[-1], k)
+    if chunk == 1:
+        return _int_topk(scores, k)
+    return _chunked_topk(scores, k, chunk)
+
+
+def _int_topk(scores: torch.Tensor, k: int, sorted: bool = True) -> torch.Tensor:
+    """``scores.topk(k).indices``, ranked on integer keys: ~1.5x faster on CPU than on floats.
+
+    A float's bits read as a signed integer already order the non-negative floats; flipping every
+    bit but the sign of the negative ones reverses their order, which puts them in place too
+    (-0.0 lands just below +0.0). The float compare of ``topk`` also checks for NaN, hence the cost.
+    """
+    bits = scores.view(_INT_OF_WIDTH[scores.element_size()])  # (..., n) same width
+    keys = bits ^ ((bits >> (8 * scores.element_size() - 1)) & torch.iinfo(bits.dtype).max)
+    return keys.topk(k, dim=-1, sorted=sorted).indices  # (..., k)
+
+
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _chunked_topk(scores: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """Exact top-k indices in two short passes: the best chunks, then the best of their members.
+
+    Cut each row of n entries into n / L chunks of L = ``chunk`` entries (chunk j holds entries
+    j, j + n/L, j + 2n/L, ...: strided, so the max over each chunk is a fast max of L contiguous
+    vectors). A chunk whose maximum is not among the k largest chunk maxima is beaten by k entries
+    of other chunks (those maxima), so none of its entries is in the top k: the product-key
+    argument once more. Top-k then scans n / L + k * L entries instead of n.
+    """
+    *lead, n = scores.shape
+    n_chunks = n // chunk
+    strided = scores.unflatten(-1, (chunk, n_chunks))  # (..., L, n/L): chunk j = column j
+    best = _int_topk(strided.amax(-2), k, sorted=False)  # (..., k) chunk ids
+    members = strided.gather(-1, best.unsqueeze(-2).expand(*lead, chunk, k))  # (..., L, k)
+    pos = _int_topk(members.flatten(-2), k)  # (..., k) into the L * k members, best first
+    return best.gather(-1, pos % k) + (pos // k) * n_chunks  # (..., k) entries of the row
+
+
+def _chunk_length(n: int, k: int) -> int:
+    """Chunk length L for ``_chunked_topk``, or 1 when a single top-k over n is cheaper.
+
+    The two passes scan n / L + k * L entries (least near L = sqrt(n / k)); they pay for their
+    extra kernels when that is at most half of n. L divides n and leaves at least k chunks.
+    """
+    lengths = [L for L in (2, 4, 8, 16, 32, 64) if n % L == 0 and n // L >= k]
+    if not lengths:
+        return 1
+    best = min(lengths, key=lambda L: n // L + k * L)
+    return best if n // best + k * best <= n // 2 else 1
