@@ -42,3 +42,12 @@ def test_torch_is_a_loose_lower_bound():
     torch_requirement = next(r for r in project["dependencies"] if _name(r) == "torch")
     assert torch_requirement.replace(" ", "").startswith("torch>=")
     assert "<" not in torch_requirement and "==" not in torch_requirement
+
+
+def test_readme_example_runs():
+    """The README's package example is real code: run it."""
+    readme = (ROOT / "README.md").read_text()
+    example = next(block for block in readme.split("```python\n")[1:]).split("```")[0]
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["loss"].item() > 0
