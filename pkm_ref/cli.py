@@ -13,6 +13,11 @@ import sys
 # command -> (module, one-line help)
 COMMANDS = {
     "demo": ("pkm_ref.demo", "a one-minute tour of a product-key memory layer"),
+    "train": ("pkm_ref.train_cli", "train a compact language model, dense or with a memory"),
+    "sample": ("pkm_ref.sample", "generate text from a trained checkpoint"),
+    "compare": ("pkm_ref.experiment", "shallow + memory vs deep: train, measure, plot"),
+    "bench": ("pkm_ref.bench", "speed: flat vs product keys, layer vs FFN, model tokens/s"),
+    "reproduce": ("pkm_ref.reproduce", "rebuild every figure and table of the study"),
 }
 
 

@@ -192,6 +192,18 @@ FIGURES: dict[str, Figure] = {
         "notebooks/04_multihead_memory_gpu.ipynb",
         "The multi-head layer's time as the memory grows, on the notebook's device.",
     ),
+    "05_learning_rates": Figure(
+        "Notebooks",
+        "notebooks/05_train_pkm_lm.ipynb",
+        "The two learning rates of the comparison runs: warm-up and cosine decay for the dense "
+        "parameters, a constant rate for the memory values (their own optimizer).",
+    ),
+    "05_usage_map": Figure(
+        "Notebooks",
+        "notebooks/05_train_pkm_lm.ipynb",
+        "Reads per slot of the trained language model's memory over the validation text, as an "
+        "n_keys x n_keys grid of sub-key pairs (collapse shows as dark rows or columns).",
+    ),
     "06_cost_model": Figure(
         "Notebooks",
         "notebooks/06_complexity_and_speed.ipynb",

@@ -7,7 +7,7 @@ Both functions return the exact top-``knn`` keys by inner product with the query
 descending score, as ``(scores, indices)`` with int64 indices and scores that stay differentiable
 with respect to the query and the keys.
 
-Flat keys score every key: O(N * d) per query. Product keys (Lample et al. 2019, section 3.2) split
+Flat keys score every key: O(N * d) per query. Product keys (Lample et al. 2019) split
 the query ``q = [q1, q2]`` and score each half against its own set of ``n`` sub-keys; the key
 ``(i1, i2)`` is the concatenation ``[c1[i1], c2[i2]]``, so its score is the sum
 

@@ -1,0 +1,143 @@
+"""``pkm-ref train``: train one language model, dense or with memory layers, from the command line.
+
+Taught in ``notebooks/05_train_pkm_lm.ipynb``. Sizes default to the runtime profile's
+(``ModelConfig.for_profile``, ``TrainConfig.for_profile``); every flag overrides one of them.
+The run goes to ``--out`` (default ``runs/<profile>/<model>``): ``checkpoint.pt``, ``log.jsonl``
+and ``final.json``. ``--resume`` continues an interrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from pkm_ref.data import available_corpora, load_corpus
+from pkm_ref.experiment import default_runs_dir, run_name
+from pkm_ref.model import MEMORY_KINDS, ModelConfig, middle_layer
+from pkm_ref.profiles import PROFILES, current_profile
+from pkm_ref.query import QUERY_NORMS
+from pkm_ref.train import CHECKPOINT, TrainConfig, train
+
+
+def _layer_list(text: str) -> list[int | str]:
+    """``"none"`` -> [], ``"mid"`` -> ["mid"], ``"0,2"`` -> [0, 2]."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return [part if part == "mid" else int(part) for part in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected block indices like 1 or 0,2 (or 'mid', 'none'), got {text!r}"
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile", choices=PROFILES, default=None,
+        help="sizes of model and run (default: $PKM_REF_PROFILE, else chosen from the hardware)",
+    )  # fmt: skip
+    data = parser.add_argument_group("data")
+    data.add_argument("--corpus", choices=list(available_corpora()), default="sotu")
+    data.add_argument("--tokenizer", choices=("byte", "char"), default="byte")
+    data.add_argument("--max-chars", type=int, default=None, help="keep this much of each split")
+    model = parser.add_argument_group("model (default: the profile's)")
+    model.add_argument("--layers", type=int, default=None, help="number of blocks")
+    model.add_argument("--d-model", type=int, default=None)
+    model.add_argument("--n-head", type=int, default=None, help="attention heads")
+    model.add_argument("--block-size", type=int, default=None, help="context length")
+    model.add_argument(
+        "--memory-layers", type=_layer_list, default=[],
+        help="blocks whose FFN becomes a memory: indices (1 or 0,2), 'mid' or 'none' (default)",
+    )  # fmt: skip
+    model.add_argument("--memory-kind", choices=MEMORY_KINDS, default=None)
+    model.add_argument("--n-keys", type=int, default=None, help="sub-keys per half: n² slots")
+    model.add_argument("--k-dim", type=int, default=None, help="query and key size")
+    model.add_argument("--memory-heads", type=int, default=None)
+    model.add_argument("--knn", type=int, default=None, help="slots read per memory head")
+    model.add_argument("--query-norm", choices=[str(n).lower() for n in QUERY_NORMS], default=None)
+    model.add_argument("--value-dropout", type=float, default=None)
+    model.add_argument("--sparse", action="store_true", help="sparse value gradients, SparseAdam")
+    run_group = parser.add_argument_group("training (default: the profile's)")
+    run_group.add_argument("--steps", type=int, default=None)
+    run_group.add_argument("--batch-size", type=int, default=None)
+    run_group.add_argument("--lr", type=float, default=None, help="peak dense learning rate")
+    run_group.add_argument("--value-lr", type=float, default=None, help="memory values' rate")
+    run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument("--device", default="auto", help='"auto", "cpu", "cuda", ...')
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=None, help="run directory")
+    out.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    out.add_argument("--force", action="store_true", help="start over if --out has a checkpoint")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:
+    """Config fields set on the command line: {field: value} for every flag not left at None."""
+    given = {flag: getattr(args, flag) for flag in names}
+    return {names[flag]: value for flag, value in given.items() if value is not None}
+
+
+def build_configs(args: argparse.Namespace, profile: str) -> tuple[ModelConfig, TrainConfig]:
+    """The profile's configurations with the command line's overrides (raises ValueError)."""
+    base = ModelConfig.for_profile(profile)
+    memory_fields = _given(
+        args, {"memory_kind": "kind", "n_keys": "n_keys", "k_dim": "k_dim",
+               "memory_heads": "heads", "knn": "knn", "value_dropout": "value_dropout"},
+    )  # fmt: skip
+    if args.query_norm is not None:
+        memory_fields["query_norm"] = None if args.query_norm == "none" else args.query_norm
+    if args.sparse:
+        memory_fields["sparse"] = True
+    if memory_fields and not args.memory_layers:
+        raise ValueError("memory options need --memory-layers (e.g. --memory-layers mid)")
+    model_fields = _given(
+        args, {"layers": "n_layer", "d_model": "d_model", "n_head": "n_head",
+               "block_size": "block_size"},
+    )  # fmt: skip
+    n_layer = model_fields.get("n_layer", base.n_layer)
+    layers = tuple(middle_layer(n_layer) if i == "mid" else i for i in args.memory_layers)
+    model_config = dataclasses.replace(
+        base, **model_fields, memory_layers=layers,
+        memory=dataclasses.replace(base.memory, **memory_fields),
+    )  # fmt: skip
+    train_fields = _given(
+        args, {"max_chars": "max_chars", "steps": "max_steps", "batch_size": "batch_size",
+               "lr": "lr", "value_lr": "value_lr"},
+    )  # fmt: skip
+    train_config = TrainConfig.for_profile(
+        profile, corpus=args.corpus, tokenizer=args.tokenizer, seed=args.seed,
+        device=args.device, **train_fields,
+    )  # fmt: skip
+    steps = train_config.max_steps
+    if train_config.warmup_steps >= steps or train_config.eval_interval > steps:  # a short run
+        train_config = dataclasses.replace(
+            train_config,
+            warmup_steps=min(train_config.warmup_steps, steps // 10),
+            eval_interval=min(train_config.eval_interval, steps),
+        )
+    return model_config, train_config
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = args.profile or current_profile()
+    try:
+        model_config, train_config = build_configs(args, profile)
+        splits = load_corpus(args.corpus, args.tokenizer, args.seed, train_config.max_chars)
+        model_config = dataclasses.replace(model_config, vocab_size=splits.tokenizer.vocab_size)
+        out = args.out or default_runs_dir() / profile / run_name(model_config)
+        if (out / CHECKPOINT).exists() and not (args.resume or args.force):
+            raise ValueError(
+                f"{out} already holds a run: pass --resume to continue it or --force to start over"
+            )
+        if args.resume and not (out / CHECKPOINT).exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {out / CHECKPOINT}")
+        print(f"profile {profile}: training {run_name(model_config)} into {out}")
+        metrics = train(model_config, train_config, out, splits, args.resume, not args.quiet)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+        print(f"pkm-ref train: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    return 0

@@ -1,0 +1,190 @@
+"""The trainer: optimizer split, schedule, learning, exact resume, atomic saves, CLI commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pkm_ref import cli
+from pkm_ref.data import CorpusSplits, load_corpus
+from pkm_ref.model import ModelConfig
+from pkm_ref.train import (
+    CHECKPOINT,
+    FINAL,
+    LOG,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    learning_rate,
+    read_log,
+    train_or_reuse,
+)
+
+MEMORY_MODEL = ModelConfig.for_profile("smoke", memory_layers=(1,))
+TRAIN = TrainConfig.for_profile("smoke")
+
+
+@pytest.fixture(scope="module")
+def splits() -> CorpusSplits:
+    return load_corpus("sotu", max_chars=20_000)
+
+
+def test_learning_rate_warms_up_then_decays_to_min() -> None:
+    config = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    rates = [learning_rate(step, config) for step in range(101)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
+    assert rates[100] == pytest.approx(1e-4)
+
+
+def test_value_tables_get_their_own_optimizer(splits: CorpusSplits) -> None:
+    trainer = Trainer(MEMORY_MODEL, TRAIN, splits=splits)
+    (memory,) = trainer.model.memory_layers()
+    dense = {id(p) for g in trainer.optimizer.dense.param_groups for p in g["params"]}
+    values = [p for g in trainer.optimizer.values.param_groups for p in g["params"]]
+    assert values == [memory.values.weight] and id(memory.values.weight) not in dense
+    assert trainer.optimizer.values.param_groups[0]["lr"] == TRAIN.value_lr
+    assert len(dense) + 1 == len(list(trainer.model.parameters()))
+
+
+def test_sparse_values_train_with_sparse_adam(splits: CorpusSplits) -> None:
+    memory = dataclasses.replace(MEMORY_MODEL.memory, sparse=True)
+    trainer = Trainer(dataclasses.replace(MEMORY_MODEL, memory=memory), TRAIN, splits=splits)
+    assert isinstance(trainer.optimizer.sparse_values, torch.optim.SparseAdam)
+    before = trainer.model.memory_layers()[0].values.weight.detach().clone()
+    trainer.train_step()
+    assert not torch.equal(before, trainer.model.memory_layers()[0].values.weight)
+
+
+def test_a_few_steps_reduce_the_loss(splits: CorpusSplits) -> None:
+    config = dataclasses.replace(TRAIN, max_steps=30, warmup_steps=3, lr=3e-3)
+    trainer = Trainer(MEMORY_MODEL, config, splits=splits)
+    sample = splits.train[:4_097]
+    before = evaluate(trainer.model, sample, 8)["loss"]
+    for _ in range(30):
+        trainer.train_step()
+    assert evaluate(trainer.model, sample, 8)["loss"] < before - 1.0
+
+
+def test_evaluate_reports_bits_per_byte_and_memory_usage(splits: CorpusSplits) -> None:
+    trainer = Trainer(MEMORY_MODEL, TRAIN, splits=splits)
+    result = evaluate(trainer.model, splits.validation, 8, max_tokens=1_024)
+    assert result["tokens"] == 1_024 and result["bpb"] == pytest.approx(
+        result["loss"] / math.log(2)
+    )
+    (usage,) = result["memory"]
+    assert 0 < usage["usage"] <= 1 and usage["kl"] >= 0 and usage["weighted_kl"] >= 0
+    (memory,) = trainer.model.memory_layers()
+    assert not memory.record_usage and memory.last_indices is None and trainer.model.training
+
+
+def test_resume_continues_exactly(tmp_path: Path, splits: CorpusSplits) -> None:
+    model_config = dataclasses.replace(MEMORY_MODEL, dropout=0.1)  # draws from the global RNG
+    first = Trainer(model_config, TRAIN, tmp_path, splits)
+    for _ in range(4):
+        first.train_step()
+    first.save_checkpoint()
+    uninterrupted = [float(first.train_step()) for _ in range(3)]
+    torch.manual_seed(1234)  # a fresh process would start from another RNG state
+    resumed = Trainer(model_config, TRAIN, tmp_path, splits)
+    resumed.load_checkpoint()
+    assert resumed.step == 4
+    assert [float(resumed.train_step()) for _ in range(3)] == uninterrupted
+
+
+def test_resume_refuses_another_configuration(tmp_path: Path, splits: CorpusSplits) -> None:
+    Trainer(MEMORY_MODEL, TRAIN, tmp_path, splits).save_checkpoint()
+    other = Trainer(MEMORY_MODEL, dataclasses.replace(TRAIN, lr=5e-3), tmp_path, splits)
+    with pytest.raises(ValueError, match=r"different train config.*lr"):
+        other.load_checkpoint()
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(
+    tmp_path: Path, splits: CorpusSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = Trainer(MEMORY_MODEL, TRAIN, tmp_path, splits)
+    trainer.train_step()
+    path = trainer.save_checkpoint()
+    saved = path.read_bytes()
+
+    def crash_midway(obj, file, *args, **kwargs):
+        Path(file).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    trainer.train_step()
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    assert path.read_bytes() == saved
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]  # no temporary file left
+    monkeypatch.undo()
+    restored = Trainer(MEMORY_MODEL, TRAIN, tmp_path, splits)
+    restored.load_checkpoint()
+    assert restored.step == 1
+
+
+def test_fit_logs_and_reuses_finished_runs(
+    tmp_path: Path, splits: CorpusSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metrics = train_or_reuse(MEMORY_MODEL, TRAIN, tmp_path, splits, progress=False)
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [0, 6, 12] and log[-1]["tokens"] == metrics["tokens"]
+    assert {"val_bpb", "test_bpb", "params_active", "inference_tokens_per_s"} <= set(metrics)
+    assert json.loads((tmp_path / FINAL).read_text())["metrics"] == metrics
+
+    def no_training(self, progress=True):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(Trainer, "fit", no_training)
+    assert train_or_reuse(MEMORY_MODEL, TRAIN, tmp_path, splits) == metrics
+    with pytest.raises(AssertionError, match="trained again"):
+        train_or_reuse(MEMORY_MODEL, TRAIN, tmp_path, splits, force=True)
+
+
+def test_train_and_sample_commands_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--profile", "smoke", "--memory-layers", "mid", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    assert (out / CHECKPOINT).exists() and (out / LOG).exists() and (out / FINAL).exists()
+    assert json.loads((out / FINAL).read_text())["model_config"]["memory_layers"] == [1]
+    assert cli.main(argv) == 2  # a second run into the same folder must be asked for
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(["sample", str(out), "--prompt", "The Congress", "--tokens", "30"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The Congress") and len(text) > len("The Congress")
+
+
+def test_commands_explain_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--profile", "smoke", "--memory-layers", "7", "--out", out]) == 2
+    assert "memory layer index 7 is out of range" in capsys.readouterr().err
+    assert cli.main(["train", "--profile", "smoke", "--out", out, "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert cli.main(["sample", str(tmp_path / "missing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--corpus", "ptb"])
+    assert "invalid choice: 'ptb'" in capsys.readouterr().err
+
+
+def test_compare_smoke_writes_results_and_skips_finished_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PKM_REF_FIGURES", str(tmp_path / "figures"))
+    argv = ["compare", "--profile", "smoke", "--runs", str(tmp_path / "runs"), "--quiet"]
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "figures" / "lm_comparison.json").read_text())
+    roles = [row["role"] for row in results["rows"]]
+    assert roles == ["shallow", "deep", "sweep", "memory"] and results["meta"]["profile"] == "smoke"
+    for name in ("lm_comparison.md", "lm_learning_curves.png", "lm_memory_sweep.png"):
+        assert (tmp_path / "figures" / name).exists()
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("finished model retrained"))
+    assert cli.main(argv) == 0
