@@ -183,7 +183,9 @@ def compare(
     """Train (or reuse) every variant of ``profile``, save the table and figures; the rows."""
     import matplotlib.pyplot as plt
 
-    train_config = TrainConfig.for_profile(profile, corpus=corpus, seed=seed, device=device)
+    # The run's identity records the device itself, not how it was named ("auto" or "cpu").
+    hardware = resolve_device(device)
+    train_config = TrainConfig.for_profile(profile, corpus=corpus, seed=seed, device=hardware.type)
     splits = load_corpus(corpus, train_config.tokenizer, seed, train_config.max_chars)
     runs_dir = (default_runs_dir() if runs_dir is None else Path(runs_dir)) / profile
     models = variants(profile, splits.tokenizer.vocab_size)
@@ -194,7 +196,6 @@ def compare(
         )
         print(f"{variant.name}: test {results[variant.name]['test_bpb']:.3f} bits/byte")
     # Inference speed of every model in turn, in one measurement: fair under a changing load.
-    hardware = resolve_device(device)
     trained = {v.name: load_model(runs_dir / v.name, hardware)[0] for v in models}
     x = speed_batch(splits.validation, train_config.batch_size, models[0].config.block_size)
     speeds = inference_speeds(
