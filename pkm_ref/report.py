@@ -13,6 +13,7 @@ quotes always come from the result files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -81,6 +82,20 @@ def _lm_verdict(folder: Path) -> str:
     )
 
 
+def _sweep_verdict(folder: Path) -> str:
+    rows = _rows(folder, "lm_comparison")
+    if not rows:
+        return "No language-model results in this folder."
+    sweep = sorted((r for r in rows if r["memory_slots"]), key=lambda r: r["memory_slots"])
+    bpb = [r["test_bpb"] for r in sweep]
+    improves = all(later < earlier for earlier, later in itertools.pairwise(bpb))
+    points = ", ".join(f"{r['memory_slots']:,} slots: {r['test_bpb']:.3f}" for r in sweep)
+    return (
+        f"Test bits per byte by memory size: {points}. The paper's claim (quality improves with "
+        f"memory size): **{'agrees' if improves else 'does not agree'}** at this scale."
+    )
+
+
 # name (file stem) -> Figure. Sections appear in RESULTS.md in this order.
 SECTIONS = ("Language model", "Speed and complexity", "Notebooks")
 FIGURES: dict[str, Figure] = {
@@ -98,6 +113,7 @@ FIGURES: dict[str, Figure] = {
         "Test bits per byte of the L-layer model with a memory against the number of memory "
         "slots (the dense models as horizontal lines). The paper reports perplexity improving "
         "with memory size.",
+        _sweep_verdict,
     ),
     "bench_retrieval": Figure(
         "Speed and complexity",
@@ -233,6 +249,24 @@ TABLES = {
 }
 
 
+# notebook -> what the reader learns, one line (the README's notebook table).
+NOTEBOOK_SUMMARIES = {
+    "00_overview": "What a memory layer is, where it sits, what it costs; the roadmap.",
+    "01_flat_key_memory": "A key-value memory from scratch; it learns a recall task; its cost is "
+    "linear in the slots.",
+    "02_product_keys": "Why the product-key search is exact and O(sqrt(N) + k^2); the staircase "
+    "bound; measured against brute force.",
+    "03_batchnorm_queries": "Why batchnorm queries keep the whole memory in use; padding, the "
+    "wrong axis and the causal leak.",
+    "04_multihead_memory_gpu": "Heads sharing one value table, EmbeddingBag, sparse value "
+    "updates, the layer at GPU scale.",
+    "05_train_pkm_lm": "Train a byte-level LM with a memory; shallow + memory vs a deeper dense "
+    "model.",
+    "06_complexity_and_speed": "The analytic cost model and the measured speed: flat vs product "
+    "keys, layer vs FFN, model tokens/s.",
+}
+
+
 def write_results(profile: str) -> Path:
     """Write ``RESULTS.md`` into ``output_dir(profile)``; refresh the README for ``cpu``."""
     folder = output_dir(profile)
@@ -328,7 +362,9 @@ def _notebook_table(folder: Path) -> str:
     ]
     for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         cells = json.loads(path.read_text())["cells"]
-        title, summary = _title_and_summary("".join(cells[0]["source"]))
+        first_line = "".join(cells[0]["source"]).splitlines()[0]
+        title = first_line.lstrip("# ").strip()
+        summary = NOTEBOOK_SUMMARIES.get(path.stem, "")
         badge = (
             f"[![Open In Colab]({COLAB}/assets/colab-badge.svg)]"
             f"({COLAB}/github/{REPOSITORY}/blob/main/notebooks/{path.name})"
@@ -336,18 +372,6 @@ def _notebook_table(folder: Path) -> str:
         cpu, gpu = (_minutes(t.get(f"notebook-{path.stem}")) for t in (timings, gpu_timings))
         lines.append(f"| [{title}](notebooks/{path.name}) | {summary} | {badge} | {cpu} / {gpu} |")
     return "\n".join(lines) + "\n"
-
-
-def _title_and_summary(markdown: str) -> tuple[str, str]:
-    """The first heading, and the first sentence of the first paragraph after the badge."""
-    lines = [line.strip() for line in markdown.splitlines()]
-    title = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
-    prose = next(
-        (line for line in lines if line and not line.startswith(("#", "[", "!", ">", "|", "-"))),
-        "",
-    )
-    sentence = re.split(r"(?<=[.!?])\s", prose, maxsplit=1)[0]
-    return title, sentence.replace("|", "\\|")
 
 
 def _minutes(seconds: float | None) -> str:

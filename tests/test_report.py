@@ -58,6 +58,7 @@ def test_notebook_table_lists_every_notebook_with_its_badge(tmp_path):
     table = report._notebook_table(tmp_path)
     notebooks = sorted((report.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     for path in notebooks:
+        assert report.NOTEBOOK_SUMMARIES[path.stem] in table
         assert f"(notebooks/{path.name})" in table
         assert f"blob/main/notebooks/{path.name})" in table
     assert table.count("not measured") == 2 * len(notebooks)
