@@ -43,7 +43,7 @@ from torch import nn
 
 from pkm_ref import cost, figures
 from pkm_ref.memory import ProductKeyMemory
-from pkm_ref.profiles import PROFILES, by_profile, current_profile
+from pkm_ref.profiles import add_profile_argument, by_profile, current_profile
 from pkm_ref.search import flat_topk, product_topk
 
 BENCHES = ("retrieval", "layer", "model")
@@ -633,10 +633,7 @@ def format_table(header: list[str], lines: list[list]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bench", choices=(*BENCHES, "all"), help="which benchmark to run")
-    parser.add_argument(
-        "--profile", choices=PROFILES, default=None,
-        help="sizes and repetitions (default: $PKM_REF_PROFILE, else chosen from the hardware)",
-    )  # fmt: skip
+    add_profile_argument(parser)
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None,
         help="default: cuda with the gpu profile if available, else cpu",

@@ -13,16 +13,13 @@ import time
 import torch
 
 from pkm_ref.memory import ProductKeyMemory
-from pkm_ref.profiles import PROFILES, by_profile, current_profile
+from pkm_ref.profiles import add_profile_argument, by_profile, current_profile
 from pkm_ref.search import product_topk
 from pkm_ref.usage import memory_usage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--profile", choices=PROFILES, default=None,
-        help="runtime profile (default: $PKM_REF_PROFILE, else chosen from the hardware)",
-    )  # fmt: skip
+    add_profile_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
 
 

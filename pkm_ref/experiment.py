@@ -28,7 +28,7 @@ from pathlib import Path
 from pkm_ref import figures
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.model import ModelConfig, middle_layer
-from pkm_ref.profiles import PROFILES, by_profile, current_profile
+from pkm_ref.profiles import add_profile_argument, by_profile, current_profile
 from pkm_ref.sample import load_model
 from pkm_ref.train import (
     TrainConfig,
@@ -234,10 +234,7 @@ def compare(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--profile", choices=PROFILES, default=None,
-        help="runtime profile (default: $PKM_REF_PROFILE, else chosen from the hardware)",
-    )  # fmt: skip
+    add_profile_argument(parser)
     parser.add_argument("--corpus", choices=list(available_corpora()), default="sotu")
     parser.add_argument(
         "--runs", type=Path, default=None,

@@ -11,6 +11,7 @@ Notebooks and commands choose their sizes with ``by_profile``:
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import TypeVar
 
@@ -45,3 +46,13 @@ def by_profile(smoke: T, cpu: T, gpu: T, profile: str | None = None) -> T:
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_profile_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--profile`` option every command shares; ``None`` means ``current_profile()``."""
+    parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default=None,
+        help=f"runtime profile (default: ${ENV_VAR}, else gpu with CUDA, else cpu)",
+    )

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from pkm_ref.profiles import ENV_VAR, PROFILES, by_profile, default_profile
+from pkm_ref.profiles import ENV_VAR, add_profile_argument, by_profile, current_profile
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 NOTEBOOKS_DIR = PACKAGE_DIR.parent / "notebooks"
@@ -47,10 +47,7 @@ class Step:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--profile", choices=PROFILES, default=None,
-        help="runtime profile (default: gpu with CUDA, else cpu)",
-    )  # fmt: skip
+    add_profile_argument(parser)
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None,
         help="device for training and benchmarks (default: cuda when available)",
@@ -66,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = args.profile or default_profile()
+    profile = args.profile or current_profile()
     try:
         device = _check_device(args.device)
         _check_corpus(args.corpus)

@@ -17,7 +17,7 @@ from pathlib import Path
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.experiment import default_runs_dir, run_name
 from pkm_ref.model import MEMORY_KINDS, ModelConfig, middle_layer
-from pkm_ref.profiles import PROFILES, current_profile
+from pkm_ref.profiles import add_profile_argument, current_profile
 from pkm_ref.query import QUERY_NORMS
 from pkm_ref.train import CHECKPOINT, TrainConfig, train
 
@@ -35,10 +35,7 @@ def _layer_list(text: str) -> list[int | str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--profile", choices=PROFILES, default=None,
-        help="sizes of model and run (default: $PKM_REF_PROFILE, else chosen from the hardware)",
-    )  # fmt: skip
+    add_profile_argument(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--corpus", choices=list(available_corpora()), default="sotu")
     data.add_argument("--tokenizer", choices=("byte", "char"), default="byte")
