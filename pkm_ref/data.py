@@ -23,7 +23,6 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm import tqdm
+
+from pkm_ref._files import atomic_write
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -248,11 +249,9 @@ def download_file(url: str, dest: Path, *, corpus: str, size: int | None = None)
     # A cached file of the wrong size can only come from outside this function: fetch it again.
     if dest.exists() and (size is None or dest.stat().st_size == size):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
+
+    def fetch(tmp: Path) -> None:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
             length = resp.headers.get("Content-Length")
             expected = size if size is not None else (int(length) if length else None)
             with tqdm(
@@ -264,11 +263,11 @@ def download_file(url: str, dest: Path, *, corpus: str, size: int | None = None)
         got = tmp.stat().st_size
         if expected is not None and got != expected:
             raise _unavailable(corpus, url, f"downloaded {got:,} bytes, expected {expected:,}")
-        os.replace(tmp, dest)
+
+    try:
+        atomic_write(dest, fetch)  # verified before the rename: never a partial file in the cache
     except (OSError, http.client.HTTPException) as err:  # URLError and timeouts are OSErrors
         raise _unavailable(corpus, url, f"download failed ({err})") from err
-    finally:
-        tmp.unlink(missing_ok=True)  # no-op once renamed
     return dest
 
 

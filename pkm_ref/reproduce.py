@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from pkm_ref._files import atomic_write
 from pkm_ref.profiles import ENV_VAR, add_profile_argument, by_profile, current_profile
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -153,7 +153,9 @@ def _run_steps(steps: list[Step], state: dict, state_path: Path, force: bool) ->
                 seconds = time.perf_counter() - start
                 bar.write(f"[{index}/{len(steps)}] {step.name}: {seconds:.0f} s")
                 state[step.name] = {"version": version, "seconds": round(seconds, 1)}
-                _atomic_write(state_path, json.dumps(state, indent=2) + "\n")
+                atomic_write(
+                    state_path, lambda tmp: tmp.write_text(json.dumps(state, indent=2) + "\n")
+                )
             bar.update(round(step.seconds))
 
 
@@ -188,7 +190,7 @@ def execute_notebook(path: Path, profile: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
     else:
         target = path
-    _atomic_write(target, nbformat.writes(notebook) + "\n")
+    atomic_write(target, lambda tmp: tmp.write_text(nbformat.writes(notebook) + "\n"))
     return target
 
 
@@ -260,11 +262,3 @@ def _environment(**variables: str):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so an interruption never leaves half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    shutil.move(temporary, path)

@@ -18,7 +18,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pkm_ref._files import atomic_write
 from pkm_ref.data import CorpusSplits, Tokenizer, iter_eval_batches, load_corpus, random_batch
 from pkm_ref.model import LanguageModel, ModelConfig
 from pkm_ref.optim import SplitOptimizer
@@ -231,20 +232,6 @@ def inference_speeds(
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary_path)``, then rename it over ``path``: ``path`` is never half-written.
-
-    If ``write`` fails, the temporary file is removed and the previous ``path`` stays intact.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename is atomic
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    finally:
-        tmp.unlink(missing_ok=True)  # no-op once renamed
 
 
 def read_log(run_dir: str | os.PathLike[str]) -> list[dict]:
