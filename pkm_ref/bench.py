@@ -80,8 +80,8 @@ def default_settings(profile: str, device: torch.device) -> Settings:
         device=device,
         sizes=by_profile((8, 10), (12, 14, 16, 18, 20), (12, 14, 16, 18, 20, 22, 24), profile),
         queries=by_profile(256, 4096, 4096, profile),
-        repeat=by_profile(2, 5, 20, profile),
-        flat_queries=by_profile(256, 256, 4096, profile),
+        repeat=by_profile(2, 5, 10, profile),
+        flat_queries=by_profile(256, 256, 1024, profile),
         flat_max_exponent=by_profile(10, 20, 24, profile),
         model_flat_max_exponent=by_profile(10, 18, 22, profile),
         optimizer_max_exponent=by_profile(10, 20, 22, profile),
@@ -412,8 +412,9 @@ def bench_layer(s: Settings, limits: dict) -> list[dict]:
     rows = [_row("FFN forward", None, ffn_forward), _row("FFN train step", None, ffn_train)]
     for exponent in s.sizes:
         n_keys, slots = 2 ** (exponent // 2), 2**exponent
-        layer = ProductKeyMemory(D_MODEL, D_MODEL, n_keys, K_DIM, HEADS, KNN, sparse=True)
-        forward, train = forward_and_train_timings(layer.to(s.device), x, s)
+        with s.device:  # built in place: a 2^24-row value table is 16 GiB to initialise
+            layer = ProductKeyMemory(D_MODEL, D_MODEL, n_keys, K_DIM, HEADS, KNN, sparse=True)
+        forward, train = forward_and_train_timings(layer, x, s)
         bound = product_lower_bound_s(n_keys, s.queries, limits)
         rows += [
             _row("product forward", slots, forward),
@@ -508,19 +509,20 @@ def bench_model(s: Settings, limits: dict) -> list[dict]:
     tokens = s.model_batch[0] * s.model_batch[1]
     rows = []
 
-    def add(case: str, slots: int | None, model: nn.Module) -> None:
+    def add(case: str, slots: int | None, n_layer: int, memory: str | None = None) -> None:
+        with s.device:  # built in place, not initialised on the CPU and copied
+            model = language_model(n_layer, memory, math.isqrt(slots) if slots else 64)
         timing = inference_timing(model, s)
         rows.append(_row(case, slots, timing, tokens_per_s=tokens / timing.median_s))
 
     for exponent in s.sizes:
-        n_keys, slots = 2 ** (exponent // 2), 2**exponent
-        add("product keys", slots, language_model(4, "product", n_keys))
+        slots = 2**exponent
+        add("product keys", slots, 4, "product")
         if exponent <= s.model_flat_max_exponent:
-            add("flat keys", slots, language_model(4, "flat", n_keys))
-    middle = s.sizes[len(s.sizes) // 2]
-    add("dense, 4 layers", None, language_model(4))
-    add("dense, 8 layers", None, language_model(8))
-    add("4 layers + product memory", 2**middle, language_model(4, "product", 2 ** (middle // 2)))
+            add("flat keys", slots, 4, "flat")
+    add("dense, 4 layers", None, 4)
+    add("dense, 8 layers", None, 8)
+    add("4 layers + product memory", 2 ** s.sizes[len(s.sizes) // 2], 4, "product")
     return rows
 
 

@@ -35,8 +35,9 @@ import torch
 from pkm_ref import _checks
 
 # The flat search scores queries against at most this many (query, key) pairs at a time, so the
-# (queries x N) score matrix is never materialised: 2^24 float32 scores = 64 MiB.
-_FLAT_BLOCK_ELEMENTS = 1 << 24
+# (queries x N) score matrix is never materialised. CPU: 2^24 float32 scores = 64 MiB. GPU: 2^27
+# (512 MiB), so that each block is a large matmul rather than thousands of kernel launches.
+_FLAT_BLOCK_ELEMENTS = {"cpu": 1 << 24, "other": 1 << 27}
 
 PRODUCT_METHODS = ("fast", "reference")
 
@@ -108,7 +109,8 @@ def _blockwise_topk(
     """
     n_queries, heads, _ = query.shape
     n_slots = keys.shape[1]
-    block = max(knn, _FLAT_BLOCK_ELEMENTS // max(1, n_queries * heads))
+    budget = _FLAT_BLOCK_ELEMENTS["cpu" if query.device.type == "cpu" else "other"]
+    block = max(knn, budget // max(1, n_queries * heads))
     best_scores = best_indices = None
     for start in range(0, n_slots, block):
         stop = min(start + block, n_slots)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import materialise_product_keys
-from pkm_ref import flat_topk, product_topk
+from pkm_ref import flat_topk, product_topk, search
 
 
 def brute_force(query: torch.Tensor, keys: torch.Tensor, knn: int):
@@ -127,7 +127,8 @@ def test_flat_topk_matches_full_sort(n, dim, heads, rows, knn_fraction, seed):
 
 def test_flat_topk_blockwise_is_exact(monkeypatch, device):
     """Force tiny blocks so the running merge across many blocks is exercised."""
-    monkeypatch.setattr("pkm_ref.search._FLAT_BLOCK_ELEMENTS", 64)
+    monkeypatch.setitem(search._FLAT_BLOCK_ELEMENTS, "cpu", 64)
+    monkeypatch.setitem(search._FLAT_BLOCK_ELEMENTS, "other", 64)
     torch.manual_seed(5)
     query = torch.randn(9, 16, device=device)  # (M, d)
     keys = torch.randn(1000, 16, device=device)  # (N, d)
