@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkm_ref import cost, figures
-from pkm_ref.memory import ProductKeyMemory
+from pkm_ref.memory import ProductKeyMemory, compiled_gather_sum
 from pkm_ref.profiles import add_profile_argument, by_profile, current_profile
 from pkm_ref.search import flat_topk, product_topk
 
@@ -259,15 +259,21 @@ def _uniform(bound: float, shape: tuple[int, ...], device: torch.device) -> torc
 
 # --- retrieval -----------------------------------------------------------------------------------
 
-RETRIEVAL_CASES = ("flat keys", "product keys (reference)", "product keys", "value read")
+RETRIEVAL_CASES = ("flat keys", "product keys (reference)", "product keys", "value read",
+                   "value read (compiled)")  # fmt: skip
 
 
-def read_values(values: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The memory read of ``pkm_ref.memory``: softmax weights, one summed bag of H * knn rows.
+def read_values(
+    values: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor, compiled: bool = False
+) -> torch.Tensor:
+    """The memory read of ``pkm_ref.memory``: softmax weights, one summed bag of H * knn rows,
+    read by EmbeddingBag or (``compiled``) by the layer's ``compiled_read`` path.
 
     values (N, D); scores, indices (M, H, knn) -> (M, D).
     """
     weights = F.softmax(scores.float(), dim=-1).flatten(1)  # (M, H * knn)
+    if compiled:
+        return compiled_gather_sum()(values, indices.flatten(1), weights)  # (M, D)
     return F.embedding_bag(indices.flatten(1), values, per_sample_weights=weights, mode="sum")
 
 
@@ -290,6 +296,8 @@ def _retrieval_at(exponent: int, s: Settings) -> list[dict]:
         reference = measure(lambda: product("reference"), s.repeat, s.device)
         scores, indices = product_topk(query, subkeys, KNN)  # (M, H, knn) each
         read = measure(lambda: read_values(values, scores, indices), s.repeat, s.device)
+        compiled = measure(lambda: read_values(values, scores, indices, compiled=True), s.repeat,
+                           s.device)  # fmt: skip
         flat = _time_flat(s, exponent, query, values)
     read_bytes = s.queries * HEADS * KNN * D_MODEL * values.element_size()
     return [
@@ -297,6 +305,7 @@ def _retrieval_at(exponent: int, s: Settings) -> list[dict]:
         _row("product keys (reference)", slots, reference, GBps=None),
         _row("product keys", slots, fast, GBps=None),
         _row("value read", slots, read, GBps=read_bytes / read.median_s / 1e9),  # value bytes/s
+        _row("value read (compiled)", slots, compiled, GBps=read_bytes / compiled.median_s / 1e9),
     ]
 
 
@@ -316,27 +325,28 @@ def _time_flat(s: Settings, exponent: int, query: torch.Tensor, values: torch.Te
 
 def retrieval_goals(rows: list[dict], meta: dict) -> list[Goal]:
     """flat / product at 2^20 slots (>= 150x CPU, >= 100x GPU); GPU: the value read at >= 50% of
-    the measured memory bandwidth."""
+    the measured memory bandwidth, by the faster of the two reads (EmbeddingBag, compiled)."""
     slots, gpu = 2**20, meta["device_type"] == "cuda"
     flat_over_product = _ratio(
         lookup(rows, "flat keys", slots), lookup(rows, "product keys", slots)
     )
     goals = [Goal("flat / product at 2^20 slots", flat_over_product, 100 if gpu else 150, False)]
     if gpu:
-        read = lookup(rows, "value read", slots, "GBps")
-        share = _ratio(read, meta["memory_bandwidth_GBps"])
-        goals.append(Goal("value read / memory bandwidth at 2^20", share, 0.5, False))
+        reads = {case: lookup(rows, case, slots, "GBps") for case in RETRIEVAL_CASES[3:]}
+        best = max(reads, key=lambda case: reads[case] or 0.0)
+        share = _ratio(reads[best], meta["memory_bandwidth_GBps"])
+        goals.append(Goal(f"{best} / memory bandwidth at 2^20", share, 0.5, False))
     return goals
 
 
 def retrieval_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     header = ["slots", "flat ms", "ref ms", "product ms", "flat/product", "ref/product",
-              "read GB/s"]  # fmt: skip
+              "read GB/s", "compiled GB/s"]  # fmt: skip
     lines = []
     for slots in sorted({row["slots"] for row in rows}):
         flat, ref, fast = (lookup(rows, case, slots) for case in RETRIEVAL_CASES[:3])
-        read = lookup(rows, "value read", slots, "GBps")
-        lines.append([slots, flat, ref, fast, _ratio(flat, fast), _ratio(ref, fast), read])
+        reads = [lookup(rows, case, slots, "GBps") for case in RETRIEVAL_CASES[3:]]
+        lines.append([slots, flat, ref, fast, _ratio(flat, fast), _ratio(ref, fast), *reads])
     return header, lines
 
 
@@ -345,7 +355,8 @@ def plot_retrieval(rows: list[dict], meta: dict):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     slots = sorted({row["slots"] for row in rows})
-    for i, (case, style) in enumerate(zip(RETRIEVAL_CASES, ("o-", "s-", "D-", "^:"), strict=True)):
+    styles = ("o-", "s-", "D-", "^:", "v:")
+    for i, (case, style) in enumerate(zip(RETRIEVAL_CASES, styles, strict=True)):
         plot_case(ax, rows, case, style, color=f"C{i}")
     for kind, case, color, label in (("flat", "flat keys", "C0", "O(N)"),
                                      ("product", "product keys", "C2", "O(√N + k²)")):  # fmt: skip

@@ -29,6 +29,7 @@ and by ``python -m pkm_ref bench``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -278,10 +279,15 @@ def _product_topk_fast(
 def _half_topk(
     halves: torch.Tensor, subkeys: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k scores and sub-key ids of each query half, best first: (B, H, 2, k) each."""
-    half_scores = torch.einsum("mhtd,htnd->mhtn", halves, subkeys)  # (B, H, 2, n)
-    top_idx = _topk_indices(half_scores.detach(), k)  # (B, H, 2, k)
-    return half_scores.gather(-1, top_idx), top_idx  # (B, H, 2, k) each
+    """Top-k scores and sub-key ids of each query half, best first: (B, H, 2, k) each.
+
+    The half scores are laid out (H, 2, B, n), as the batched matmul writes them, so top-k reads
+    contiguous rows; only the short (.., k) results are permuted back, not the (.., n) scores.
+    """
+    half_scores = torch.matmul(halves.permute(1, 2, 0, 3), subkeys.mT)  # (H, 2, B, n)
+    top_idx = _topk_indices(half_scores.detach(), k)  # (H, 2, B, k)
+    top_scores = half_scores.gather(-1, top_idx)  # (H, 2, B, k)
+    return top_scores.permute(2, 0, 1, 3), top_idx.permute(2, 0, 1, 3)  # (B, H, 2, k) each
 
 
 def _cat_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,16 +301,20 @@ def _cat_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Te
 def _topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest ``scores`` along the last dim, largest first. No autograd.
 
-    GPU: ``torch.topk`` (a radix select). CPU, where ``topk`` runs a comparison select per row at
-    a few ns per entry, two exact savings: for long rows a two-stage select (``_chunked_topk``),
-    and ranking integer keys instead of floats (``_int_topk``).
+    Two exact savings over one ``torch.topk``: long rows take a two-stage select
+    (``_chunked_topk``), on every device; and on CPU, where ``topk`` runs a comparison select per
+    row at a few ns per entry, integer keys are ranked instead of floats (``_int_topk``). On GPU
+    ``topk`` is a radix select on the float bits already, so the floats are ranked directly.
     """
-    if scores.device.type != "cpu":
-        return scores.topk(k, dim=-1).indices
+    select = _int_topk if scores.device.type == "cpu" else _float_topk
     chunk = _chunk_length(scores.shape[-1], k)
     if chunk == 1:
-        return _int_topk(scores, k)
-    return _chunked_topk(scores, k, chunk)
+        return select(scores, k)
+    return _chunked_topk(scores, k, chunk, select)
+
+
+def _float_topk(scores: torch.Tensor, k: int, sorted: bool = True) -> torch.Tensor:
+    return scores.topk(k, dim=-1, sorted=sorted).indices  # (..., k)
 
 
 def _int_topk(scores: torch.Tensor, k: int, sorted: bool = True) -> torch.Tensor:
@@ -322,21 +332,24 @@ def _int_topk(scores: torch.Tensor, k: int, sorted: bool = True) -> torch.Tensor
 _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _chunked_topk(scores: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+def _chunked_topk(
+    scores: torch.Tensor, k: int, chunk: int, select: Callable[..., torch.Tensor]
+) -> torch.Tensor:
     """Exact top-k indices in two short passes: the best chunks, then the best of their members.
 
     Cut each row of n entries into n / L chunks of L = ``chunk`` entries (chunk j holds entries
     j, j + n/L, j + 2n/L, ...: strided, so the max over each chunk is a fast max of L contiguous
     vectors). A chunk whose maximum is not among the k largest chunk maxima is beaten by k entries
     of other chunks (those maxima), so none of its entries is in the top k: the product-key
-    argument once more. Top-k then scans n / L + k * L entries instead of n.
+    argument once more. Top-k then scans n / L + k * L entries instead of n. ``select(x, k,
+    sorted=...)`` is the one-pass top-k of the device (``_int_topk`` or ``_float_topk``).
     """
     *lead, n = scores.shape
     n_chunks = n // chunk
     strided = scores.unflatten(-1, (chunk, n_chunks))  # (..., L, n/L): chunk j = column j
-    best = _int_topk(strided.amax(-2), k, sorted=False)  # (..., k) chunk ids
+    best = select(strided.amax(-2), k, sorted=False)  # (..., k) chunk ids
     members = strided.gather(-1, best.unsqueeze(-2).expand(*lead, chunk, k))  # (..., L, k)
-    pos = _int_topk(members.flatten(-2), k)  # (..., k) into the L * k members, best first
+    pos = select(members.flatten(-2), k)  # (..., k) into the L * k members, best first
     return best.gather(-1, pos % k) + (pos // k) * n_chunks  # (..., k) entries of the row
 
 

@@ -141,13 +141,15 @@ def test_integer_key_top_k_orders_like_the_floats(dtype):
         assert torch.equal(rows.gather(-1, indices), rows.topk(k, dim=-1).values)
 
 
+@pytest.mark.parametrize("select", [search._int_topk, search._float_topk])
 @pytest.mark.parametrize(("n", "k"), [(1024, 32), (512, 32), (4096, 32), (1000, 7), (96, 3)])
-def test_chunked_top_k_is_exact(n, k):
+def test_chunked_top_k_is_exact(n, k, select):
+    """Both one-pass selects (integer keys on CPU, floats on GPU) inside the two-stage path."""
     torch.manual_seed(5)
     chunk = search._chunk_length(n, k)
     assert chunk > 1, "these sizes take the two-stage path"
     scores = torch.randn(6, 2, n)  # (R, 2, n)
-    indices = search._chunked_topk(scores, k, chunk)  # (R, 2, k)
+    indices = search._chunked_topk(scores, k, chunk, select)  # (R, 2, k)
     assert torch.equal(indices, scores.topk(k, dim=-1).indices)
 
 

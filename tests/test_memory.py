@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import materialise_product_keys
-from pkm_ref import FlatKeyMemory, ProductKeyMemory, product_topk
+from pkm_ref import FlatKeyMemory, ProductKeyMemory, memory, product_topk
 
 
 def small_memory(**overrides) -> ProductKeyMemory:
@@ -131,3 +131,37 @@ def test_reference_size_forward_backward_on_cpu():
     out.mean().backward()
     assert out.shape == (8, 128, 256)
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_gather_sum_equals_the_embedding_bag_read(device):
+    torch.manual_seed(7)
+    table = torch.randn(50, 6, device=device)  # (N, D)
+    indices = torch.randint(50, (9, 12), device=device)  # (B, J), repeats included
+    weights = torch.rand(9, 12, device=device)  # (B, J)
+    expected = torch.nn.functional.embedding_bag(
+        indices, table, per_sample_weights=weights, mode="sum"
+    )  # (B, D)
+    torch.testing.assert_close(memory.gather_sum(table, indices, weights), expected)
+
+
+@pytest.mark.parametrize("layer_class", [ProductKeyMemory, FlatKeyMemory])
+def test_compiled_read_equals_the_embedding_bag_read(layer_class, device):
+    """Same outputs and gradients; the compiled read runs in a fused torch.compile kernel."""
+    size = {"n_keys": 8} if layer_class is ProductKeyMemory else {"n_slots": 64}
+    torch.manual_seed(8)
+    bag = layer_class(12, 10, **size, k_dim=8, heads=2, knn=4).to(device)
+    compiled = layer_class(12, 10, **size, k_dim=8, heads=2, knn=4, compiled_read=True).to(device)
+    compiled.load_state_dict(bag.state_dict())
+    x = torch.randn(3, 5, 12, device=device)  # (B, T, input_dim)
+    outputs = [layer(x) for layer in (bag, compiled)]  # (B, T, output_dim) each
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for out in outputs:
+        out.square().sum().backward()
+    for (name, a), b in zip(bag.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    assert "compiled_read=True" in repr(compiled)
+
+
+def test_compiled_read_refuses_sparse_gradients():
+    with pytest.raises(ValueError, match=r"compiled_read=True.*sparse=True"):
+        ProductKeyMemory(8, 8, n_keys=4, k_dim=8, heads=1, knn=2, sparse=True, compiled_read=True)
