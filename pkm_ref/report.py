@@ -274,9 +274,9 @@ def write_results(profile: str) -> Path:
     lines = [
         "# Results",
         "",
-        f"Written by `pkm-ref reproduce --profile {profile}` on {meta['device']} "
-        f"({meta['date']}; torch {meta['torch']}, Python {meta['python']}). Each table below "
-        "records the device, profile and date of its own run.",
+        f"Assembled from the result files of the `{profile}` profile by `pkm-ref reproduce "
+        f"--profile {profile}` ({meta['date']}). Each table below records the device, versions "
+        "and date of its own run.",
         "",
     ]
     for section in SECTIONS:

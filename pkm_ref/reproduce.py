@@ -160,10 +160,18 @@ def _run_steps(steps: list[Step], state: dict, state_path: Path, force: bool) ->
 
 
 def _record_timings(steps: list[Step], state: dict, profile: str, device: str) -> None:
-    """Write how long each step took (the README's notebook table quotes these)."""
-    from pkm_ref.figures import save_results
+    """Write how long each step took (the README's notebook table quotes these). Steps that this
+    run left out (``--only``) keep the time recorded by an earlier run."""
+    from pkm_ref.figures import load_results, save_results
 
-    rows = [{"step": s.name, "seconds": state.get(s.name, {}).get("seconds")} for s in steps]
+    try:
+        earlier = {
+            row["step"]: row["seconds"] for row in load_results("reproduce_steps", profile)["rows"]
+        }
+    except FileNotFoundError:
+        earlier = {}
+    seconds = {**earlier, **{s.name: state.get(s.name, {}).get("seconds") for s in steps}}
+    rows = [{"step": name, "seconds": value} for name, value in seconds.items()]
     save_results("reproduce_steps", rows, profile, device, title="Time per reproduce step")
 
 

@@ -86,3 +86,13 @@ def test_notebook_step_is_stale_when_its_cells_change(tmp_path):
     cells[0]["source"] = ["print(2)"]  # editing it: stale
     notebook.write_text(json.dumps({"cells": cells}))
     assert reproduce._step_version("code", step) != before
+
+
+def test_step_times_of_an_only_run_keep_the_earlier_ones(tmp_path, monkeypatch):
+    """`--only` reruns some steps; the other steps' recorded times must not be lost."""
+    monkeypatch.setenv("PKM_REF_FIGURES", str(tmp_path))
+    steps = [reproduce.Step(name, lambda: None, 1.0) for name in ("a", "b")]
+    reproduce._record_timings(steps, {"a": {"seconds": 1.5}, "b": {"seconds": 2.5}}, "smoke", "cpu")
+    reproduce._record_timings(steps[1:], {"b": {"seconds": 3.0}}, "smoke", "cpu")
+    rows = json.loads((tmp_path / "reproduce_steps.json").read_text())["rows"]
+    assert rows == [{"step": "a", "seconds": 1.5}, {"step": "b", "seconds": 3.0}]
