@@ -316,6 +316,7 @@ def refresh_readme(folder: Path) -> None:
     text = readme.read_text()
     blocks = {
         "speed-figure": _speed_block(folder),
+        "speed-goals": _goals_block(folder),
         "headline": _headline_block(folder),
         "notebook-table": _notebook_table(folder),
     }
@@ -335,6 +336,28 @@ def _speed_block(folder: Path) -> str:
         f"\n\n{_retrieval_verdict(folder)} (source: "
         "[figures/bench_retrieval.md](figures/bench_retrieval.md))\n"
     )
+
+
+def _goals_block(folder: Path) -> str:
+    """The speed goals, recomputed from the committed cpu results and, when present, the gpu
+    results beside them (``folder/gpu``): one line per goal, each run's device and date named."""
+    from pkm_ref.bench import BENCH_PARTS
+
+    lines = []
+    for results in (folder, folder / "gpu"):
+        for name in ("retrieval", "layer"):
+            path = results / f"bench_{name}.json"
+            if not path.exists():
+                continue
+            data = json.loads(path.read_text())
+            meta, source = data["meta"], path.relative_to(ROOT).with_suffix(".md")
+            run = f"{meta['device']} ({meta['profile']} profile, {meta['date']})"
+            for goal in BENCH_PARTS[name][1](data["rows"], meta):
+                text = goal.line().removeprefix("goal ")
+                lines.append(f"- {run}: {text} ([{source}]({source}))")
+    if not lines:
+        return ""
+    return "**Speed goals**, as ratios within one benchmark run:\n\n" + "\n".join(lines) + "\n"
 
 
 def _headline_block(folder: Path) -> str:
