@@ -34,7 +34,7 @@ import argparse
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 
 import torch
@@ -115,23 +115,37 @@ class Timing:
 
 def measure(fn: Callable[[], object], repeat: int, device: torch.device, warmup: int = 1) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed ones (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    seconds = []
+    return measure_in_turns({"fn": fn}, repeat, device, warmup)["fn"]
+
+
+def measure_in_turns(
+    fns: dict[Hashable, Callable[[], object]], repeat: int, device: torch.device, warmup: int = 1
+) -> dict[Hashable, Timing]:
+    """Time several functions in turns: ``warmup`` untimed calls of each, then ``repeat`` rounds of
+    one timed call of each. When the machine's speed drifts during a run (a shared virtual machine,
+    a GPU changing clocks), every function sees the same drift, so their ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    seconds: dict[Hashable, list[float]] = {key: [] for key in fns}
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            seconds.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            seconds.append(time.perf_counter() - begin)
-    return Timing.from_runs(seconds)
+        for key, fn in fns.items():
+            seconds[key].append(_seconds_of_one_call(fn, device))
+    return {key: Timing.from_runs(runs) for key, runs in seconds.items()}
+
+
+def _seconds_of_one_call(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
 
 
 # --- Machine limits ------------------------------------------------------------------------------
@@ -381,20 +395,15 @@ def dense_ffn(d_model: int = D_MODEL) -> nn.Module:
     return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
 
 
-def forward_and_train_timings(
-    module: nn.Module, x: torch.Tensor, s: Settings
-) -> tuple[Timing, Timing]:
-    """(eval forward without grad, train forward + backward) of ``module`` on ``x``."""
-    module.eval()
-    with torch.no_grad():
-        forward = measure(lambda: module(x), s.repeat, s.device)
+def train_step_timing(module: nn.Module, x: torch.Tensor, s: Settings) -> Timing:
+    """One training forward + backward of ``module`` on ``x`` (no optimizer step)."""
     module.train()
 
     def train_step():
         module.zero_grad(set_to_none=True)
         module(x).square().mean().backward()
 
-    return forward, measure(train_step, s.repeat, s.device)
+    return measure(train_step, s.repeat, s.device)
 
 
 def value_step_timing(slots: int, sparse: bool, s: Settings) -> Timing:
@@ -417,23 +426,41 @@ def value_step_timing(slots: int, sparse: bool, s: Settings) -> Timing:
 
 
 def bench_layer(s: Settings, limits: dict) -> list[dict]:
-    """Product-key layer vs FFN, its lower bound, and the value optimizer step, for each size."""
+    """Product-key layer vs FFN, its lower bound, and the value optimizer step, for each size.
+
+    The eval forwards of the FFN and of every memory size are timed in turns
+    (``measure_in_turns``), so the size ratios that the goals check compare like with like.
+    """
     x = torch.randn(s.queries, D_MODEL, device=s.device)  # (M, d_model)
-    ffn_forward, ffn_train = forward_and_train_timings(dense_ffn().to(s.device), x, s)
-    rows = [_row("FFN forward", None, ffn_forward), _row("FFN train step", None, ffn_train)]
+    ffn = dense_ffn().to(s.device)
+    layers = {}
     for exponent in s.sizes:
-        n_keys, slots = 2 ** (exponent // 2), 2**exponent
         with s.device:  # built in place: a 2^24-row value table is 16 GiB to initialise
-            layer = ProductKeyMemory(D_MODEL, D_MODEL, n_keys, K_DIM, HEADS, KNN, sparse=True)
-        forward, train = forward_and_train_timings(layer, x, s)
-        bound = product_lower_bound_s(n_keys, s.queries, limits)
+            layers[2**exponent] = ProductKeyMemory(
+                D_MODEL, D_MODEL, 2 ** (exponent // 2), K_DIM, HEADS, KNN, sparse=True
+            )
+    modules = {None: ffn, **layers}
+    for module in modules.values():
+        module.eval()
+    with torch.no_grad():
+        forwards = measure_in_turns(
+            {slots: (lambda m=module: m(x)) for slots, module in modules.items()},
+            s.repeat, s.device,
+        )  # fmt: skip
+    rows = [
+        _row("FFN forward", None, forwards[None]),
+        _row("FFN train step", None, train_step_timing(ffn, x, s)),
+    ]
+    for slots in list(layers):
+        layer = layers.pop(slots)  # freed after its train step
+        bound = product_lower_bound_s(layer.n_keys, s.queries, limits)
         rows += [
-            _row("product forward", slots, forward),
-            _row("product train step", slots, train),
+            _row("product forward", slots, forwards[slots]),
+            _row("product train step", slots, train_step_timing(layer, x, s)),
             _row("lower bound", slots, Timing(bound, 0.0, 0)),
         ]
         del layer
-        if exponent <= s.optimizer_max_exponent:
+        if slots <= 2**s.optimizer_max_exponent:
             rows += [
                 _row("value step, Adam", slots, value_step_timing(slots, False, s)),
                 _row("value step, SparseAdam", slots, value_step_timing(slots, True, s)),

@@ -110,3 +110,13 @@ def test_model_bench_measures_flat_product_and_depth():
     assert cases == ["product keys", "flat keys", "dense, 4 layers", "dense, 8 layers",
                      "4 layers + product memory"]  # fmt: skip
     assert all(row["tokens_per_s"] > 0 for row in rows)
+
+
+def test_measure_in_turns_alternates_the_functions():
+    calls = []
+    timings = bench.measure_in_turns(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        repeat=2, device=torch.device("cpu"), warmup=1,
+    )  # fmt: skip
+    assert calls == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then rounds of one call each
+    assert set(timings) == {"a", "b"} and all(t.runs == 2 for t in timings.values())
