@@ -96,21 +96,23 @@ def default_settings(profile: str, device: torch.device) -> Settings:
 
 @dataclass(frozen=True)
 class Timing:
-    """Median and interquartile range of repeated runs, in seconds."""
+    """Median, interquartile range and fastest of repeated runs, in seconds."""
 
     median_s: float
     iqr_s: float
     runs: int
+    best_s: float | None = None  # the fastest run (None: not from runs)
 
     @classmethod
     def from_runs(cls, seconds: list[float]) -> Timing:
         if len(seconds) < 2:
-            return cls(seconds[0], 0.0, len(seconds))
+            return cls(seconds[0], 0.0, len(seconds), seconds[0])
         q1, _, q3 = statistics.quantiles(seconds, n=4, method="inclusive")
-        return cls(statistics.median(seconds), q3 - q1, len(seconds))
+        return cls(statistics.median(seconds), q3 - q1, len(seconds), min(seconds))
 
     def scaled(self, factor: float) -> Timing:
-        return Timing(self.median_s * factor, self.iqr_s * factor, self.runs)
+        best = None if self.best_s is None else self.best_s * factor
+        return Timing(self.median_s * factor, self.iqr_s * factor, self.runs, best)
 
 
 def measure(fn: Callable[[], object], repeat: int, device: torch.device, warmup: int = 1) -> Timing:
@@ -151,17 +153,21 @@ def _seconds_of_one_call(fn: Callable[[], object], device: torch.device) -> floa
 # --- Machine limits ------------------------------------------------------------------------------
 
 
+# The machine's limits come from its fastest probe run, not the median: the lower bound is what
+# the machine can do at best, and a median on a busy or shared machine would loosen it.
+
+
 def memory_bandwidth(device: torch.device, n_bytes: int = 1 << 30, repeat: int = 5) -> float:
     """Read bandwidth in bytes/s: the sum of a float32 tensor far larger than the caches."""
     data = torch.ones(n_bytes // 4, device=device)  # (n_bytes / 4,)
-    return n_bytes / measure(data.sum, repeat, device).median_s
+    return n_bytes / measure(data.sum, repeat, device).best_s
 
 
 def matmul_throughput(device: torch.device, size: int = 2048, repeat: int = 5) -> float:
     """sgemm throughput in FLOP/s: 2 * size^3 for one float32 (size x size) @ (size x size)."""
     a = torch.randn(size, size, device=device)  # (n, n)
     b = torch.randn(size, size, device=device)  # (n, n)
-    return 2 * size**3 / measure(lambda: a @ b, repeat, device).median_s
+    return 2 * size**3 / measure(lambda: a @ b, repeat, device).best_s
 
 
 def machine_limits(s: Settings) -> dict:

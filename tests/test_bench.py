@@ -59,9 +59,10 @@ def test_analytic_work_is_linear_for_flat_and_sublinear_for_product_keys():
 
 
 def test_timing_median_and_iqr():
-    timing = bench.Timing.from_runs([1.0, 2.0, 3.0, 4.0, 100.0])
+    timing = bench.Timing.from_runs([2.0, 1.0, 3.0, 4.0, 100.0])
     assert timing.median_s == 3.0 and timing.iqr_s == 2.0 and timing.runs == 5
-    assert bench.Timing.from_runs([0.5]) == bench.Timing(0.5, 0.0, 1)
+    assert timing.best_s == 1.0
+    assert bench.Timing.from_runs([0.5]) == bench.Timing(0.5, 0.0, 1, 0.5)
 
 
 def test_measure_warms_up_then_repeats():
