@@ -312,21 +312,20 @@ def _retrieval_at(exponent: int, s: Settings) -> list[dict]:
         return read_values(values, *product_topk(query, subkeys, KNN, method=method))  # (M, D)
 
     with torch.no_grad():
-        fast = measure(lambda: product("fast"), s.repeat, s.device)
-        reference = measure(lambda: product("reference"), s.repeat, s.device)
         scores, indices = product_topk(query, subkeys, KNN)  # (M, H, knn) each
-        read = measure(lambda: read_values(values, scores, indices), s.repeat, s.device)
-        compiled = measure(lambda: read_values(values, scores, indices, compiled=True), s.repeat,
-                           s.device)  # fmt: skip
+        timings = measure_in_turns({
+            "product keys": lambda: product("fast"),
+            "product keys (reference)": lambda: product("reference"),
+            "value read": lambda: read_values(values, scores, indices),
+            "value read (compiled)": lambda: read_values(values, scores, indices, compiled=True),
+        }, s.repeat, s.device)  # fmt: skip
         flat = _time_flat(s, exponent, query, values)
     read_bytes = s.queries * HEADS * KNN * D_MODEL * values.element_size()
-    return [
-        _row("flat keys", slots, flat, GBps=None),
-        _row("product keys (reference)", slots, reference, GBps=None),
-        _row("product keys", slots, fast, GBps=None),
-        _row("value read", slots, read, GBps=read_bytes / read.median_s / 1e9),  # value bytes/s
-        _row("value read (compiled)", slots, compiled, GBps=read_bytes / compiled.median_s / 1e9),
-    ]
+    return [_row("flat keys", slots, flat, GBps=None)] + [
+        _row(case, slots, timings[case],
+             GBps=read_bytes / timings[case].median_s / 1e9 if "read" in case else None)
+        for case in RETRIEVAL_CASES[1:]
+    ]  # fmt: skip
 
 
 def _time_flat(s: Settings, exponent: int, query: torch.Tensor, values: torch.Tensor):

@@ -20,10 +20,10 @@ O((sqrt(N) + k^2) * d) instead of O(N * d); the N = n^2 full keys are never made
 
 The same argument prunes further: both per-half lists are sorted, so only the ~k*ln(k) candidates
 of a staircase can win (``staircase``). ``product_topk``'s default fast path searches only those,
-builds slot ids for the winners alone, works through the queries in cache-sized blocks, and on CPU
-ranks integer keys in two short passes. ``method="reference"`` keeps the readable k*k search; the
-tests check that both agree. The speed-up is measured in ``notebooks/06_complexity_and_speed.ipynb``
-and by ``python -m pkm_ref bench``.
+builds slot ids for the winners alone, works through the queries in cache-sized blocks, and takes
+each long top-k in two short passes (ranking integer keys on CPU). ``method="reference"`` keeps the
+readable k*k search; the tests check that both agree. The speed-up is measured in
+``notebooks/06_complexity_and_speed.ipynb`` and by ``python -m pkm_ref bench``.
 """
 
 from __future__ import annotations
@@ -316,6 +316,7 @@ def _topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _float_topk(scores: torch.Tensor, k: int, sorted: bool = True) -> torch.Tensor:
+    """``scores.topk(k).indices`` on the floats themselves (the GPU's one-pass select)."""
     return scores.topk(k, dim=-1, sorted=sorted).indices  # (..., k)
 
 
