@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -350,7 +351,7 @@ def _goals_block(folder: Path) -> str:
             if not path.exists():
                 continue
             data = json.loads(path.read_text())
-            meta, source = data["meta"], path.relative_to(ROOT).with_suffix(".md")
+            meta, source = data["meta"], os.path.relpath(path.with_suffix(".md"), ROOT)
             run = f"{meta['device']} ({meta['profile']} profile, {meta['date']})"
             for goal in BENCH_PARTS[name][1](data["rows"], meta):
                 text = goal.line().removeprefix("goal ")

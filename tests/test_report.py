@@ -62,3 +62,25 @@ def test_notebook_table_lists_every_notebook_with_its_badge(tmp_path):
         assert f"(notebooks/{path.name})" in table
         assert f"blob/main/notebooks/{path.name})" in table
     assert table.count("not measured") == 2 * len(notebooks)
+
+
+def test_goals_block_judges_cpu_and_gpu_results(tmp_path):
+    """One line per goal, from the cpu results and the gpu results beside them."""
+    from pkm_ref import bench
+
+    def layer_rows(forward_12, forward_20, bound_20):
+        return [bench._row("product forward", 2**12, bench.Timing(forward_12, 0.0, 1)),
+                bench._row("product forward", 2**20, bench.Timing(forward_20, 0.0, 1)),
+                bench._row("lower bound", 2**20, bench.Timing(bound_20, 0.0, 0))]  # fmt: skip
+
+    rows = layer_rows(1.0, 2.5, 0.5)  # 2^20 / 2^12 = 2.5, 2^20 / bound = 5
+    for folder, device_type in ((tmp_path, "cpu"), (tmp_path / "gpu", "cuda")):
+        folder.mkdir(exist_ok=True)
+        meta = {"device": f"{device_type} device", "device_type": device_type,
+                "profile": "p", "date": "today"}  # fmt: skip
+        (folder / "bench_layer.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    lines = report._goals_block(tmp_path).splitlines()[2:]
+    assert len(lines) == 3  # cpu: ratio and bound; gpu: ratio
+    assert "2^20 / 2^12 time <= 3: 2.5 -> met" in lines[0] and lines[0].startswith("- cpu device")
+    assert "lower bound <= 4: 5 -> NOT met" in lines[1]
+    assert "2^20 / 2^12 time <= 2: 2.5 -> NOT met" in lines[2] and "gpu/bench_layer.md" in lines[2]
