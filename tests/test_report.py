@@ -68,12 +68,11 @@ def test_goals_block_judges_cpu_and_gpu_results(tmp_path):
     """One line per goal, from the cpu results and the gpu results beside them."""
     from pkm_ref import bench
 
-    def layer_rows(forward_12, forward_20, bound_20):
-        return [bench._row("product forward", 2**12, bench.Timing(forward_12, 0.0, 1)),
-                bench._row("product forward", 2**20, bench.Timing(forward_20, 0.0, 1)),
-                bench._row("lower bound", 2**20, bench.Timing(bound_20, 0.0, 0))]  # fmt: skip
-
-    rows = layer_rows(1.0, 2.5, 0.5)  # 2^20 / 2^12 = 2.5, 2^20 / bound = 5
+    rows = [  # 2^20 / 2^12 = 2.5, 2^20 / bound = 5
+        bench._row("product forward", 2**12, bench.Timing(1.0, 0.0, 1)),
+        bench._row("product forward", 2**20, bench.Timing(2.5, 0.0, 1)),
+        bench._row("lower bound", 2**20, bench.Timing(0.5, 0.0, 0)),
+    ]
     for folder, device_type in ((tmp_path, "cpu"), (tmp_path / "gpu", "cuda")):
         folder.mkdir(exist_ok=True)
         meta = {"device": f"{device_type} device", "device_type": device_type,
