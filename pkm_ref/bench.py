@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkm_ref import cost, figures
-from pkm_ref.memory import ProductKeyMemory, compiled_gather_sum
+from pkm_ref.memory import ProductKeyMemory, read_bags
 from pkm_ref.profiles import add_profile_argument, by_profile, current_profile
 from pkm_ref.search import flat_topk, product_topk
 
@@ -292,9 +292,7 @@ def read_values(
     values (N, D); scores, indices (M, H, knn) -> (M, D).
     """
     weights = F.softmax(scores.float(), dim=-1).flatten(1)  # (M, H * knn)
-    if compiled:
-        return compiled_gather_sum()(values, indices.flatten(1), weights)  # (M, D)
-    return F.embedding_bag(indices.flatten(1), values, per_sample_weights=weights, mode="sum")
+    return read_bags(values, indices.flatten(1), weights, compiled)  # (M, D)
 
 
 def bench_retrieval(s: Settings, limits: dict) -> list[dict]:
@@ -541,7 +539,7 @@ def language_model(n_layer: int, memory: str | None = None, n_keys: int = 64) ->
 
 def inference_timing(model: nn.Module, s: Settings) -> Timing:
     """One eval forward over a (B, T) batch of random tokens, without grad."""
-    model = model.to(s.device).eval()
+    model.eval()
     idx = torch.randint(256, s.model_batch, device=s.device)  # (B, T)
     with torch.no_grad():
         return measure(lambda: model(idx), s.repeat, s.device)

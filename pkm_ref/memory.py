@@ -51,6 +51,23 @@ def compiled_gather_sum():
     return torch.compile(gather_sum, dynamic=False)
 
 
+def read_bags(
+    table: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    compiled: bool = False,
+    sparse: bool = False,
+) -> torch.Tensor:
+    """The memory read: ``out[b] = sum_j weights[b, j] * table[indices[b, j]]``.
+
+    table (N, D); indices, weights (B, J) -> (B, D). EmbeddingBag's kernel (``sparse``: a sparse
+    gradient for ``table``), or with ``compiled`` the fused ``compiled_gather_sum``.
+    """
+    if compiled:
+        return compiled_gather_sum()(table, indices, weights)  # (B, D)
+    return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum", sparse=sparse)
+
+
 class _KeyValueMemory(nn.Module):
     """What flat- and product-key memories share: query network, value table, forward pass.
 
@@ -147,10 +164,9 @@ class _KeyValueMemory(nn.Module):
         # Sum over heads and knn: the heads share one table.
         bags = indices.reshape(n_rows, -1)  # (N, H * knn)
         bag_weights = weights.reshape(n_rows, -1).to(self.values.weight.dtype)  # (N, H * knn)
-        if self.compiled_read:
-            out = compiled_gather_sum()(self.values.weight, bags, bag_weights)  # (N, output_dim)
-        else:
-            out = self.values(bags, per_sample_weights=bag_weights)  # (N, output_dim)
+        out = read_bags(  # (N, output_dim)
+            self.values.weight, bags, bag_weights, self.compiled_read, self.sparse
+        )
         out = F.dropout(out, self.value_dropout, self.training)  # (N, output_dim)
 
         if self.record_usage and not self.training:
