@@ -14,6 +14,7 @@ import torch
 from pkm_ref import cli
 from pkm_ref.data import CorpusSplits, load_corpus
 from pkm_ref.model import ModelConfig
+from pkm_ref.train_cli import build_configs
 from pkm_ref.train import (
     CHECKPOINT,
     FINAL,
@@ -160,6 +161,18 @@ def test_train_and_sample_commands_end_to_end(
     assert cli.main(["sample", str(out), "--prompt", "The Congress", "--tokens", "30"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("The Congress") and len(text) > len("The Congress")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 50])
+def test_short_runs_shrink_warmup_and_eval_interval(steps: int) -> None:
+    """``--steps`` below the profile's warm-up must give a valid schedule, not an error."""
+    args = cli.build_parser().parse_args(
+        ["train", "--profile", "smoke", "--memory-layers", "mid", "--steps", str(steps)]
+    )  # fmt: skip
+    model_config, train_config = build_configs(args, "smoke")
+    assert train_config.max_steps == steps and model_config.memory_layers == (1,)
+    assert 0 <= train_config.warmup_steps < steps and train_config.eval_interval <= steps
+    assert train_config.warmup_steps == min(TRAIN.warmup_steps, steps // 10)
 
 
 def test_commands_explain_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
