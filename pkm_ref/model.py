@@ -44,6 +44,7 @@ class MemoryConfig:
     knn: int = 32
     query_norm: str | None = "batchnorm"
     sparse: bool = False
+    compiled_read: bool = False  # fused torch.compile value read (see ``pkm_ref.memory``)
     input_dropout: float = 0.0
     query_dropout: float = 0.0
     value_dropout: float = 0.0
@@ -156,7 +157,7 @@ def build_memory(config: ModelConfig) -> _KeyValueMemory:
     m = config.memory
     options = dict(
         k_dim=m.k_dim, heads=m.heads, knn=m.knn, query_norm=m.query_norm, sparse=m.sparse,
-        input_dropout=m.input_dropout, query_dropout=m.query_dropout,
+        compiled_read=m.compiled_read, input_dropout=m.input_dropout, query_dropout=m.query_dropout,
         value_dropout=m.value_dropout,
     )  # fmt: skip
     if m.kind == "product":

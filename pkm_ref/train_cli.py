@@ -57,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--query-norm", choices=[str(n).lower() for n in QUERY_NORMS], default=None)
     model.add_argument("--value-dropout", type=float, default=None)
     model.add_argument("--sparse", action="store_true", help="sparse value gradients, SparseAdam")
+    model.add_argument(
+        "--compiled-read", action="store_true",
+        help="read the values with torch.compile (faster on GPU; dense gradients, not with --sparse)",
+    )  # fmt: skip
     run_group = parser.add_argument_group("training (default: the profile's)")
     run_group.add_argument("--steps", type=int, default=None)
     run_group.add_argument("--batch-size", type=int, default=None)
@@ -88,6 +92,8 @@ def build_configs(args: argparse.Namespace, profile: str) -> tuple[ModelConfig, 
         memory_fields["query_norm"] = None if args.query_norm == "none" else args.query_norm
     if args.sparse:
         memory_fields["sparse"] = True
+    if args.compiled_read:
+        memory_fields["compiled_read"] = True
     if memory_fields and not args.memory_layers:
         raise ValueError("memory options need --memory-layers (e.g. --memory-layers mid)")
     model_fields = _given(

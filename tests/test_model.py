@@ -106,6 +106,24 @@ def test_memory_layers_are_placed_where_asked() -> None:
     assert LanguageModel(tiny_config()).memory_layers() == []
 
 
+def test_compiled_read_config_gives_the_same_loss_and_gradients() -> None:
+    """``MemoryConfig.compiled_read`` reaches the layer and changes no number the model computes."""
+    torch.manual_seed(0)
+    eager = LanguageModel(tiny_config(memory_layers=(1,)))
+    compiled_memory = dataclasses.replace(TINY_MEMORY, compiled_read=True)
+    compiled = LanguageModel(tiny_config(memory_layers=(1,), memory=compiled_memory))
+    compiled.load_state_dict(eager.state_dict())
+    assert [m.compiled_read for m in (*eager.memory_layers(), *compiled.memory_layers())] == [
+        False, True
+    ]  # fmt: skip
+    losses = [model(tokens(), tokens(seed=1))[1] for model in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
 @pytest.mark.parametrize("bad", [(3,), (-1,), (1, 1)])
 def test_bad_memory_layer_index_raises(bad: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match=rf"memory layer index {bad[0]}|repeated"):

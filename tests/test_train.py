@@ -167,10 +167,11 @@ def test_train_and_sample_commands_end_to_end(
 def test_short_runs_shrink_warmup_and_eval_interval(steps: int) -> None:
     """``--steps`` below the profile's warm-up must give a valid schedule, not an error."""
     args = cli.build_parser().parse_args(
-        ["train", "--profile", "smoke", "--memory-layers", "mid", "--steps", str(steps)]
+        ["train", "--profile", "smoke", "--memory-layers", "mid", "--compiled-read",
+         "--steps", str(steps)]
     )  # fmt: skip
     model_config, train_config = build_configs(args, "smoke")
-    assert train_config.max_steps == steps and model_config.memory_layers == (1,)
+    assert train_config.max_steps == steps and model_config.memory.compiled_read
     assert 0 <= train_config.warmup_steps < steps and train_config.eval_interval <= steps
     assert train_config.warmup_steps == min(TRAIN.warmup_steps, steps // 10)
 
@@ -181,6 +182,9 @@ def test_commands_explain_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "memory layer index 7 is out of range" in capsys.readouterr().err
     assert cli.main(["train", "--profile", "smoke", "--out", out, "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    both = ["--memory-layers", "mid", "--sparse", "--compiled-read", "--steps", "2"]
+    assert cli.main(["train", "--profile", "smoke", "--out", out, *both]) == 2
+    assert "cannot be combined with sparse=True" in capsys.readouterr().err
     assert cli.main(["sample", str(tmp_path / "missing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
