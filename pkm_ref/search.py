@@ -306,7 +306,8 @@ def _topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     Two exact savings over one ``torch.topk``: long rows take a two-stage select
     (``_chunked_topk``), on every device; and on CPU, where ``topk`` runs a comparison select per
     row at a few ns per entry, integer keys are ranked instead of floats (``_int_topk``). On GPU
-    ``topk`` is a radix select on the float bits already, so the floats are ranked directly.
+    ``topk`` is a radix select on the float bits already, so the floats are ranked directly
+    (``_float_topk``, which sorts short 16-bit rows instead).
     """
     select = _int_topk if scores.device.type == "cpu" else _float_topk
     chunk = _chunk_length(scores.shape[-1], k)
@@ -315,8 +316,20 @@ def _topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _chunked_topk(scores, k, chunk, select)
 
 
+# On GPU, rows of at most this many 16-bit floats are ranked by a full sort (see _float_topk).
+_GPU_SORT_MAX_LENGTH = 128
+
+
 def _float_topk(scores: torch.Tensor, k: int, sorted: bool = True) -> torch.Tensor:
-    """``scores.topk(k).indices`` on the floats themselves (the GPU's one-pass select)."""
+    """``scores.topk(k).indices`` on the floats themselves: the GPU's one-pass select.
+
+    ``topk`` is a radix select, one thread block per row. Short rows of 16-bit floats (bfloat16
+    under autocast) are ranked faster by sorting them whole, in registers: on an H200, 131,072
+    bfloat16 rows of 128 took 0.53 ms to sort against 0.94 ms for ``topk``. For float32 rows,
+    and rows longer than ``_GPU_SORT_MAX_LENGTH``, ``topk`` was as fast or faster.
+    """
+    if scores.element_size() == 2 and scores.shape[-1] <= _GPU_SORT_MAX_LENGTH:
+        return scores.sort(dim=-1, descending=True).indices[..., :k]  # (..., k), best first
     return scores.topk(k, dim=-1, sorted=sorted).indices  # (..., k)
 
 

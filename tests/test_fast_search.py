@@ -98,6 +98,22 @@ def test_fast_matches_brute_force_float32(knn, device):
     torch.testing.assert_close(all_scores.gather(-1, indices), scores)
 
 
+@pytest.mark.parametrize("n_keys", [64, 512])
+def test_fast_equals_reference_in_bfloat16(n_keys, device):
+    """bfloat16 scores, as under autocast, tie often: the same top scores, and every slot chosen
+    has the score reported. n = 64 takes one select per half, n = 512 the two-stage one (on GPU
+    both sort their short 16-bit rows)."""
+    torch.manual_seed(7)
+    query = torch.randn(300, 4, 32, device=device, dtype=torch.bfloat16)  # (N, H, k_dim)
+    subkeys = torch.randn(4, 2, n_keys, 16, device=device, dtype=torch.bfloat16)
+    (scores, indices), (ref_scores, _) = both_methods(query, subkeys, 32)  # (N, H, 32) each
+    assert torch.equal(scores, ref_scores)
+    half_scores = torch.einsum("nhtd,htsd->nhts", query.unflatten(-1, (2, 16)), subkeys)
+    first = half_scores[:, :, 0].gather(-1, indices // n_keys)  # (N, H, 32)
+    second = half_scores[:, :, 1].gather(-1, indices % n_keys)  # (N, H, 32)
+    assert torch.equal(first + second, scores)
+
+
 def test_fast_gradients_equal_reference(device):
     torch.manual_seed(3)
     query = torch.randn(40, 3, 12, device=device, dtype=torch.float64)  # (N, H, k_dim)
@@ -151,6 +167,18 @@ def test_chunked_top_k_is_exact(n, k, select):
     scores = torch.randn(6, 2, n)  # (R, 2, n)
     indices = search._chunked_topk(scores, k, chunk, select)  # (R, 2, k)
     assert torch.equal(indices, scores.topk(k, dim=-1).indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [40, 119, 128, 129, 512])
+def test_float_select_is_exact_whether_it_sorts_or_selects(dtype, n):
+    """The GPU select sorts short 16-bit rows and runs topk otherwise; both give topk's values,
+    best first (run on CPU tensors here; the CUDA tests run the search on GPU)."""
+    torch.manual_seed(6)
+    rows = torch.randn(9, n).to(dtype)  # (R, n), with ties at 16 bits
+    for k in (1, 32):
+        indices = search._float_topk(rows, k)  # (R, k)
+        assert torch.equal(rows.gather(-1, indices), rows.topk(k, dim=-1).values)
 
 
 def test_short_rows_take_a_single_top_k():
