@@ -362,17 +362,23 @@ def _goals_block(folder: Path) -> str:
 
 
 def _headline_block(folder: Path) -> str:
-    if not (folder / "lm_comparison.md").exists():
-        return ""
-    table = [line for line in (folder / "lm_comparison.md").read_text().splitlines()
-             if line.startswith("|")]  # fmt: skip
-    meta = json.loads((folder / "lm_comparison.json").read_text())["meta"]
-    return (
-        f"**Shallow + memory vs deep** ({meta['profile']} profile, {meta['device']}, "
-        f"{meta['date']}; source: [figures/lm_comparison.md](figures/lm_comparison.md)):\n\n"
-        + "\n".join(table)
-        + f"\n\n{_lm_verdict(folder)}\n"
-    )
+    """The language-model comparison of the cpu results and, when present, of the gpu results
+    beside them (``folder/gpu``), each with its device, date, source and verdict."""
+    blocks = []
+    for results in (folder, folder / "gpu"):
+        path = results / "lm_comparison.md"
+        if not path.exists():
+            continue
+        table = [line for line in path.read_text().splitlines() if line.startswith("|")]
+        meta = json.loads(path.with_suffix(".json").read_text())["meta"]
+        source = os.path.relpath(path, ROOT)
+        blocks.append(
+            f"**Shallow + memory vs deep** ({meta['profile']} profile, {meta['device']}, "
+            f"{meta['date']}; source: [{source}]({source})):\n\n"
+            + "\n".join(table)
+            + f"\n\n{_lm_verdict(results)}\n"
+        )
+    return "\n".join(blocks)
 
 
 def _notebook_table(folder: Path) -> str:

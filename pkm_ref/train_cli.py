@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--sparse", action="store_true", help="sparse value gradients, SparseAdam")
     model.add_argument(
         "--compiled-read", action="store_true",
-        help="read the values with torch.compile (faster on GPU; dense gradients, not with --sparse)",
+        help="read the values with torch.compile (GPU: faster; dense gradients, not with --sparse)",
     )  # fmt: skip
     run_group = parser.add_argument_group("training (default: the profile's)")
     run_group.add_argument("--steps", type=int, default=None)

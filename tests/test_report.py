@@ -83,3 +83,29 @@ def test_goals_block_judges_cpu_and_gpu_results(tmp_path):
     assert "2^20 / 2^12 time <= 3: 2.5 -> met" in lines[0] and lines[0].startswith("- cpu device")
     assert "lower bound <= 4: 5 -> NOT met" in lines[1]
     assert "2^20 / 2^12 time <= 2: 2.5 -> NOT met" in lines[2] and "gpu/bench_layer.md" in lines[2]
+
+
+def test_headline_block_shows_cpu_and_gpu_comparisons(tmp_path, monkeypatch):
+    """Each profile's table with its own device, source link and verdict."""
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    speeds = {"cpu": (100, 50), "gpu": (100, 200)}  # memory, deep tokens/s: faster on cpu only
+    for folder, device in ((tmp_path / "figures", "cpu"), (tmp_path / "figures" / "gpu", "gpu")):
+        folder.mkdir(parents=True, exist_ok=True)
+        memory_speed, deep_speed = speeds[device]
+        rows = [
+            {"model": "s", "role": "shallow", "test_bpb": 2.0, "infer_tok_s": 300,
+             "train_tok_s": 3},
+            {"model": "d", "role": "deep", "test_bpb": 1.9, "infer_tok_s": deep_speed,
+             "train_tok_s": 1},
+            {"model": "m", "role": "memory", "test_bpb": 1.8, "infer_tok_s": memory_speed,
+             "train_tok_s": 2},
+        ]  # fmt: skip
+        meta = {"device": f"{device} device", "profile": device, "date": "today"}
+        (folder / "lm_comparison.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+        (folder / "lm_comparison.md").write_text(f"# title\n\n| model |\n|---|\n| {device} |\n")
+    block = report._headline_block(tmp_path / "figures")
+    cpu, gpu = block.split("**Shallow + memory vs deep**")[1:]
+    assert "cpu device" in cpu and "[figures/lm_comparison.md](figures/lm_comparison.md)" in cpu
+    assert "| cpu |" in cpu and "**agrees**" in cpu
+    assert "gpu device" in gpu and "(figures/gpu/lm_comparison.md)" in gpu
+    assert "| gpu |" in gpu and "**does not agree**" in gpu

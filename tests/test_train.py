@@ -14,7 +14,6 @@ import torch
 from pkm_ref import cli
 from pkm_ref.data import CorpusSplits, load_corpus
 from pkm_ref.model import ModelConfig
-from pkm_ref.train_cli import build_configs
 from pkm_ref.train import (
     CHECKPOINT,
     FINAL,
@@ -26,6 +25,7 @@ from pkm_ref.train import (
     read_log,
     train_or_reuse,
 )
+from pkm_ref.train_cli import build_configs
 
 MEMORY_MODEL = ModelConfig.for_profile("smoke", memory_layers=(1,))
 TRAIN = TrainConfig.for_profile("smoke")
