@@ -88,6 +88,12 @@ class TrainConfig:
                      lr=1e-3, min_lr=1e-4, value_lr=1e-2),
             profile=profile,
         )  # fmt: skip
+        # A run shorter than the profile's keeps a valid schedule: warm-up at most a tenth of it
+        # and an evaluation by its end (unless ``overrides`` set those too).
+        steps = overrides.get("max_steps", sizes["max_steps"])
+        if sizes["warmup_steps"] >= steps or sizes["eval_interval"] > steps:
+            sizes["warmup_steps"] = min(sizes["warmup_steps"], steps // 10)
+            sizes["eval_interval"] = min(sizes["eval_interval"], steps)
         return cls(**{**sizes, **overrides})
 
     def __post_init__(self) -> None:

@@ -110,11 +110,6 @@ def build_configs(args: argparse.Namespace, profile: str) -> tuple[ModelConfig, 
         args, {"max_chars": "max_chars", "steps": "max_steps", "batch_size": "batch_size",
                "lr": "lr", "value_lr": "value_lr"},
     )  # fmt: skip
-    defaults = TrainConfig.for_profile(profile)
-    steps = train_fields.get("max_steps", defaults.max_steps)
-    if defaults.warmup_steps >= steps or defaults.eval_interval > steps:  # a short run
-        train_fields["warmup_steps"] = min(defaults.warmup_steps, steps // 10)
-        train_fields["eval_interval"] = min(defaults.eval_interval, steps)
     train_config = TrainConfig.for_profile(
         profile, corpus=args.corpus, tokenizer=args.tokenizer, seed=args.seed,
         device=args.device, **train_fields,
