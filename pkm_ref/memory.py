@@ -157,13 +157,14 @@ class _KeyValueMemory(nn.Module):
         query = self.query(inputs, flat_mask)  # (N, H, k_dim)
         query = F.dropout(query, self.query_dropout, self.training)  # (N, H, k_dim)
         scores, indices = self._search(query)  # (N, H, knn) each
-        # Softmax in at least float32 even under reduced precision: the weights must sum to one.
+        # Softmax in at least float32 even under reduced precision, and no rounding back to the
+        # scores' 16 bits: the weights reach the value read as they were computed.
         softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
-        weights = F.softmax(scores, dim=-1, dtype=softmax_dtype).type_as(scores)  # (N, H, knn)
-        n_rows = indices.shape[0]
+        weights = F.softmax(scores, dim=-1, dtype=softmax_dtype)  # (N, H, knn)
+        n_rows, reads = indices.shape[0], self.heads * self.knn  # reads named: N may be 0
         # Sum over heads and knn: the heads share one table.
-        bags = indices.reshape(n_rows, -1)  # (N, H * knn)
-        bag_weights = weights.reshape(n_rows, -1).to(self.values.weight.dtype)  # (N, H * knn)
+        bags = indices.reshape(n_rows, reads)  # (N, H * knn)
+        bag_weights = weights.reshape(n_rows, reads).to(self.values.weight.dtype)  # (N, H * knn)
         out = read_bags(  # (N, output_dim)
             self.values.weight, bags, bag_weights, self.compiled_read, self.sparse
         )

@@ -39,7 +39,8 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             raise ValueError(f"MaskedBatchNorm1d expects (N, C) input, got {tuple(x.shape)}")
         if not self.training or mask is None or bool(mask.all()):
             return super().forward(x)
-        real = x[mask]  # (N_real, C)
+        # Statistics in float32 (under autocast x is 16-bit; the running buffers stay float32).
+        real = x[mask].float()  # (N_real, C)
         n_real = real.shape[0]
         if n_real < 2:
             raise ValueError(
@@ -56,10 +57,10 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
                 unbiased = var * (n_real / (n_real - 1))
                 self.running_mean.lerp_(mean, momentum)
                 self.running_var.lerp_(unbiased, momentum)
-        normed = (x - mean) * torch.rsqrt(var + self.eps)  # (N, C)
+        normed = (x.float() - mean) * torch.rsqrt(var + self.eps)  # (N, C) float32
         if self.affine:
             normed = normed * self.weight + self.bias
-        return normed
+        return normed.to(x.dtype)  # (N, C)
 
 
 class QueryNetwork(nn.Module):

@@ -165,3 +165,35 @@ def test_compiled_read_equals_the_embedding_bag_read(layer_class, device):
 def test_compiled_read_refuses_sparse_gradients():
     with pytest.raises(ValueError, match=r"compiled_read=True.*sparse=True"):
         ProductKeyMemory(8, 8, n_keys=4, k_dim=8, heads=1, knn=2, sparse=True, compiled_read=True)
+
+
+@pytest.mark.parametrize("layer_class", ["product", "flat"])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_gives_an_empty_output(layer_class, training):
+    """A batch with no tokens (an empty shard, a filtered batch) passes through with its shape."""
+    layer = small_memory() if layer_class == "product" else FlatKeyMemory(12, 10, 36, 8, 2, 4)
+    layer.train(training)
+    out = layer(torch.randn(0, 5, 12))
+    assert out.shape == (0, 5, 10)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(6)
+    memory = small_memory(input_dropout=0.5, query_dropout=0.5, value_dropout=0.5)
+    x = torch.randn(8, 12)
+    memory.eval()
+    torch.testing.assert_close(memory(x), memory(x))
+    memory.train()
+    assert not torch.equal(memory(x), memory(x))
+
+
+def test_softmax_weights_are_not_rounded_to_16_bits_under_autocast():
+    """The read weighs the value rows by float32 softmax weights, even when scores are bfloat16."""
+    torch.manual_seed(7)
+    memory = small_memory(query_norm="layernorm").eval()
+    memory.record_usage = True
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        memory(torch.randn(6, 12))
+    assert memory.last_weights.dtype == torch.float32
+    sums = memory.last_weights.sum(-1)  # (N, H)
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-6, rtol=0)

@@ -28,17 +28,29 @@ def test_memory_batchnorm_flattens_time():
     torch.testing.assert_close(memory(x).reshape(10, 8), memory(x.reshape(10, 8)))
 
 
+def trained_affine(norm: MaskedBatchNorm1d) -> MaskedBatchNorm1d:
+    """``norm`` with a non-trivial affine (fresh ones are weight 1, bias 0: they hide mistakes)."""
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, norm.num_features))
+        norm.bias.copy_(torch.linspace(-1.0, 1.0, norm.num_features))
+    return norm
+
+
 def test_mask_keeps_padding_out_of_outputs_and_running_stats():
     torch.manual_seed(2)
     real = torch.randn(10, 4) * 3 + 1  # (N_real, C)
-    reference = MaskedBatchNorm1d(4)
+    reference = trained_affine(MaskedBatchNorm1d(4))
     expected = reference(real)  # no padding at all
+    expected.square().sum().backward()
     for n_pad, pad_value in [(3, 0.0), (30, 100.0)]:
-        layer = MaskedBatchNorm1d(4)
+        layer = trained_affine(MaskedBatchNorm1d(4))
         padded = torch.cat([real, torch.full((n_pad, 4), pad_value)])  # (N, C)
         mask = torch.cat([torch.ones(10, dtype=torch.bool), torch.zeros(n_pad, dtype=torch.bool)])
         out = layer(padded, mask)
         torch.testing.assert_close(out[:10], expected)
+        out[:10].square().sum().backward()
+        torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
+        torch.testing.assert_close(layer.bias.grad, reference.bias.grad)
         torch.testing.assert_close(layer.running_mean, reference.running_mean)
         torch.testing.assert_close(layer.running_var, reference.running_var)
         # Without the mask the padding shifts both (the bug this class fixes).
@@ -80,3 +92,18 @@ def test_train_time_batchnorm_leaks_across_positions_layernorm_does_not():
         assert (not torch.allclose(early(x), early(x_future))) == leaks, norm
         network.eval()  # running statistics: no leak
         torch.testing.assert_close(early(x), early(x_future))
+
+
+def test_masked_batchnorm_under_bfloat16_autocast():
+    """Under autocast the input is 16-bit; statistics stay float32 and so do the running buffers."""
+    torch.manual_seed(5)
+    x = (torch.randn(12, 4) * 3 + 1).bfloat16()  # (N, C) as a 16-bit linear layer would give it
+    mask = torch.arange(12) < 9  # (N,) three padded rows
+    layer, reference = MaskedBatchNorm1d(4), MaskedBatchNorm1d(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, mask)  # (N, C)
+    expected = reference(x[mask].float())  # the same real rows, in float32, no padding
+    assert out.dtype == torch.bfloat16 and layer.running_mean.dtype == torch.float32
+    torch.testing.assert_close(out[:9].float(), expected, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
+    torch.testing.assert_close(layer.running_var, reference.running_var)
