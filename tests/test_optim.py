@@ -54,12 +54,17 @@ def test_sparse_path_steps_and_leaves_unread_rows_alone():
     assert len(read) > 0
 
 
-def test_clipping_bounds_value_gradient_norms():
+def test_clipping_bounds_dense_and_value_gradient_norms():
     torch.manual_seed(1)
     model = TwoMemories()
     optimizer = SplitOptimizer(model)
     (model(torch.randn(16, 8)) * 1e4).sum().backward()
-    optimizer.clip_grad_norm_(1.0, value_max_norm=0.5)
+    others = [p for g in optimizer.dense.param_groups for p in g["params"] if p.grad is not None]
+    norm_before = float(torch.cat([p.grad.flatten() for p in others]).norm())
+    returned = optimizer.clip_grad_norm_(1.0, value_max_norm=0.5)
+    norm_after = float(torch.cat([p.grad.flatten() for p in others]).norm())
+    assert returned == pytest.approx(norm_before, rel=1e-4) and norm_before > 1.0
+    assert norm_after == pytest.approx(1.0, rel=1e-3)
     dense_grad = model.dense_memory.values.weight.grad
     sparse_grad = model.sparse_memory.values.weight.grad.coalesce()._values()
     assert float(dense_grad.norm()) <= 0.5 + 1e-4
