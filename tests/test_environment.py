@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,10 +15,17 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!~\[ ;@]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
 def _pyproject_names() -> set[str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["dev"]
-    return {CONDA_NAMES.get(_name(r), _name(r)) for r in requirements}
+    """Every requirement of the package and of all its extras (the conda environment has all)."""
+    project = _project()
+    extras = project["optional-dependencies"].values()
+    requirements = project["dependencies"] + [r for extra in extras for r in extra]
+    names = {CONDA_NAMES.get(_name(r), _name(r)) for r in requirements}
+    return names - {"pkm-ref"}  # an extra that includes another one, e.g. pkm_ref[study]
 
 
 def _environment_names() -> set[str]:
@@ -38,10 +46,31 @@ def test_environment_matches_pyproject():
 
 def test_torch_is_a_loose_lower_bound():
     """Never a pin: installing pkm_ref must not replace Colab's (or the user's) torch."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = _project()
     torch_requirement = next(r for r in project["dependencies"] if _name(r) == "torch")
     assert torch_requirement.replace(" ", "").startswith("torch>=")
     assert "<" not in torch_requirement and "==" not in torch_requirement
+
+
+def test_the_layers_need_torch_alone():
+    """``pip install pkm_ref`` brings torch only; the study's packages are the ``study`` extra."""
+    project = _project()
+    assert [_name(r) for r in project["dependencies"]] == ["torch"]
+    assert "pkm_ref[study]" in project["optional-dependencies"]["dev"]
+
+
+def test_the_command_names_the_study_extra(monkeypatch):
+    """``pkm-ref`` tells a user who installed the layers alone which extra it needs."""
+    from pkm_ref import cli
+
+    study = {_name(r) for r in _project()["optional-dependencies"]["study"]}
+    assert set(cli.STUDY_PACKAGES) == study
+    monkeypatch.setattr(cli, "STUDY_PACKAGES", (*cli.STUDY_PACKAGES, "no_such_package_pkm"))
+    with pytest.raises(
+        SystemExit,
+        match=r'no_such_package_pkm, from the study extra: pip install "pkm_ref\[study\]"',
+    ):
+        cli.main(["demo", "--help"])
 
 
 def test_readme_example_runs():
