@@ -6,26 +6,35 @@ that names the parameter and the value, instead of an opaque shape error from de
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
 
 
 def positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an int >= 1, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as a Python int if it is an integer >= 1, else raise naming ``name``.
+
+    Any exact integer counts (``int``, ``numpy.int64``, a 0-d integer tensor): whatever has
+    ``__index__``. Floats and bools do not.
+    """
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
 
 
 def even_int(name: str, value: object) -> int:
-    """Return ``value`` if it is a positive even int (split into two halves), else raise."""
-    positive_int(name, value)
-    if value % 2:  # type: ignore[operator]
-        raise ValueError(f"{name} must be even (the query is split into two halves), got {value}")
-    return value  # type: ignore[return-value]
+    """Return ``value`` as an int if it is a positive even integer (split into two halves)."""
+    number = positive_int(name, value)
+    if number % 2:
+        raise ValueError(f"{name} must be even (the query is split into two halves), got {number}")
+    return number
 
 
 def probability(name: str, value: object) -> float:
@@ -60,7 +69,7 @@ def floating(name: str, value: torch.Tensor) -> torch.Tensor:
 
 def knn_within(knn: object, limit: int, what: str) -> int:
     """Return ``knn`` if 1 <= knn <= limit, else raise saying what bounds it."""
-    positive_int("knn", knn)
-    if knn > limit:  # type: ignore[operator]
-        raise ValueError(f"knn must be <= {what} ({limit}), got {knn}")
-    return knn  # type: ignore[return-value]
+    number = positive_int("knn", knn)
+    if number > limit:
+        raise ValueError(f"knn must be <= {what} ({limit}), got {number}")
+    return number

@@ -109,11 +109,11 @@ class _KeyValueMemory(nn.Module):
         self.input_dropout = _checks.probability("input_dropout", input_dropout)
         self.query_dropout = _checks.probability("query_dropout", query_dropout)
         self.value_dropout = _checks.probability("value_dropout", value_dropout)
-        self.query = QueryNetwork(input_dim, k_dim, heads, query_norm)
-        self.values = nn.EmbeddingBag(n_slots, output_dim, mode="sum", sparse=self.sparse)
+        self.query = QueryNetwork(self.input_dim, self.k_dim, self.heads, query_norm)
+        self.values = nn.EmbeddingBag(n_slots, self.output_dim, mode="sum", sparse=self.sparse)
         # N(0, 1/output_dim): a read of knn rows starts at a sensible scale. Never zero: zero
         # values would give the keys and queries no gradient at step 0.
-        nn.init.normal_(self.values.weight, mean=0.0, std=output_dim**-0.5)
+        nn.init.normal_(self.values.weight, mean=0.0, std=self.output_dim**-0.5)
         # Usage recording (eval mode only): see ``record_usage``.
         self.record_usage = False
         self.last_indices: torch.Tensor | None = None
@@ -209,7 +209,7 @@ class FlatKeyMemory(_KeyValueMemory):
         sparse: bool = False,
         compiled_read: bool = False,
     ):
-        _checks.positive_int("n_slots", n_slots)
+        n_slots = _checks.positive_int("n_slots", n_slots)
         super().__init__(
             input_dim, output_dim, n_slots, k_dim, heads, knn, query_norm,
             input_dropout, query_dropout, value_dropout, sparse, compiled_read,
@@ -260,8 +260,8 @@ class ProductKeyMemory(_KeyValueMemory):
         sparse: bool = False,
         compiled_read: bool = False,
     ):
-        _checks.positive_int("n_keys", n_keys)
-        _checks.even_int("k_dim", k_dim)
+        n_keys = _checks.positive_int("n_keys", n_keys)
+        k_dim = _checks.even_int("k_dim", k_dim)
         super().__init__(
             input_dim, output_dim, n_keys * n_keys, k_dim, heads, knn, query_norm,
             input_dropout, query_dropout, value_dropout, sparse, compiled_read,

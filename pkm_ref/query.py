@@ -37,6 +37,11 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 2:
             raise ValueError(f"MaskedBatchNorm1d expects (N, C) input, got {tuple(x.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:1]):
+            raise ValueError(
+                f"mask must be a bool tensor of shape ({x.shape[0]},), one entry per row of x, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
         if not self.training or mask is None or bool(mask.all()):
             return super().forward(x)
         # Statistics in float32 (under autocast x is 16-bit; the running buffers stay float32).
@@ -75,12 +80,15 @@ class QueryNetwork(nn.Module):
     def __init__(self, input_dim: int, k_dim: int, heads: int, norm: str | None = "batchnorm"):
         super().__init__()
         _checks.one_of("query_norm", norm, QUERY_NORMS)
-        self.heads, self.k_dim, self.norm_kind = heads, k_dim, norm
-        self.proj = nn.Linear(input_dim, heads * k_dim)
+        input_dim = _checks.positive_int("input_dim", input_dim)
+        self.heads = _checks.positive_int("heads", heads)
+        self.k_dim = _checks.positive_int("k_dim", k_dim)
+        self.norm_kind = norm
+        self.proj = nn.Linear(input_dim, self.heads * self.k_dim)
         if norm == "batchnorm":
-            self.norm: nn.Module | None = MaskedBatchNorm1d(heads * k_dim)
+            self.norm: nn.Module | None = MaskedBatchNorm1d(self.heads * self.k_dim)
         elif norm == "layernorm":
-            self.norm = nn.LayerNorm(k_dim)
+            self.norm = nn.LayerNorm(self.k_dim)
         else:
             self.norm = None
 

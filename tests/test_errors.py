@@ -1,9 +1,17 @@
 """Bad input fails at once with an error that names the parameter and the value."""
 
+import numpy as np
 import pytest
 import torch
 
-from pkm_ref import FlatKeyMemory, ProductKeyMemory, flat_topk, product_topk
+from pkm_ref import (
+    FlatKeyMemory,
+    MaskedBatchNorm1d,
+    ProductKeyMemory,
+    QueryNetwork,
+    flat_topk,
+    product_topk,
+)
 
 
 @pytest.mark.parametrize(
@@ -26,6 +34,26 @@ def test_product_key_memory_arguments(kwargs, error, message):
     options = dict(input_dim=8, output_dim=8, n_keys=8, k_dim=8, heads=2, knn=4)
     with pytest.raises(error, match=message):
         ProductKeyMemory(**{**options, **kwargs})
+
+
+def test_any_exact_integer_is_accepted():
+    """numpy and 0-d tensor integers (e.g. from a config array) are sizes too; they become ints."""
+    memory = ProductKeyMemory(8, np.int64(8), n_keys=np.int32(4), k_dim=torch.tensor(8), knn=2)
+    assert (memory.output_dim, memory.n_keys, memory.k_dim) == (8, 4, 8)
+    assert all(type(v) is int for v in (memory.output_dim, memory.n_keys, memory.k_dim))
+    assert memory(torch.randn(3, 8)).shape == (3, 8)
+
+
+def test_query_network_and_batchnorm_arguments():
+    with pytest.raises(ValueError, match="heads must be >= 1, got 0"):
+        QueryNetwork(4, 4, heads=0)
+    with pytest.raises(TypeError, match=r"k_dim must be an int, got float 4\.0"):
+        QueryNetwork(4, 4.0, heads=1)
+    norm = MaskedBatchNorm1d(4)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(6,\).*\(5,\)"):
+        norm(torch.randn(6, 4), torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor.*got torch.float32"):
+        norm(torch.randn(6, 4), torch.ones(6))
 
 
 def test_flat_memory_arguments():
