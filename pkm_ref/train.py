@@ -99,6 +99,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps (--steps) must be >= 1, got {self.max_steps}")
         if not 0 <= self.warmup_steps < self.max_steps:
             raise ValueError(
                 f"warmup_steps must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}"

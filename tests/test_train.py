@@ -176,6 +176,8 @@ def test_short_runs_shrink_warmup_and_eval_interval(steps: int) -> None:
     assert train_config.warmup_steps == min(TRAIN.warmup_steps, steps // 10)
     assert TrainConfig.for_profile("smoke", max_steps=steps) == train_config  # the same rule
     assert TrainConfig.for_profile("smoke", max_steps=2, warmup_steps=1).warmup_steps == 1
+    with pytest.raises(ValueError, match=r"max_steps \(--steps\) must be >= 1, got 0"):
+        TrainConfig.for_profile("smoke", max_steps=0)
 
 
 def test_commands_explain_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
