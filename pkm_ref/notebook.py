@@ -31,13 +31,27 @@ def setup(seed: int = 0) -> tuple[str, torch.device]:
 
 
 def show(fig: Any, name: str) -> None:
-    """Save ``fig`` through ``pkm_ref.figures`` (smoke runs go to scratch) and display it."""
+    """Save ``fig`` through ``pkm_ref.figures`` (smoke runs go to scratch) and display it.
+
+    In a notebook the figure is displayed as an output of its cell whatever matplotlib's backend
+    (a headless run with ``MPLBACKEND=Agg`` would otherwise commit a notebook without its figures),
+    then closed so that the inline backend does not draw it a second time.
+    """
     import matplotlib.pyplot as plt
 
     path = figures.save_figure(fig, name)
     if current_profile() != "smoke":
         print(f"saved {os.path.relpath(path)}")
-    plt.show()
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:  # plain Python without IPython
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(fig)
+        plt.close(fig)
+    else:
+        plt.show()
 
 
 def attach_widget(function: Callable[..., None], **controls: Any) -> None:
