@@ -10,9 +10,12 @@ Per token (one query per head), with H heads, k = knn, d = k_dim, N slots, n = s
     value read          H * k * output_dim                multiply-adds, H * k rows read
     dense FFN           2 * input_dim * hidden            multiply-adds
 
-Parameter counts equal those of the real modules (``FlatKeyMemory``, ``ProductKeyMemory``, an
-FFN of two Linear layers): the notebook checks that. Bytes count what one token must read from
-memory for the value rows; the keys are read once per batch, so they are reported separately.
+The product-key counts are the paper's search (all k^2 candidate sums); ``product_topk``'s default
+fast path scores only the ~k*ln(k) candidates of ``pkm_ref.search.staircase`` (119 instead of
+1,024 at k = 32). Parameter counts equal those of the real modules (``FlatKeyMemory``,
+``ProductKeyMemory``, an FFN of two Linear layers): the notebook checks that. Bytes: ``value_bytes``
+is what one token reads on its own (its value rows); ``batch_bytes`` is what a whole batch reads
+once, whatever its size (a memory's keys, an FFN's weights).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class LayerCost:
     parameters: int  # total, equal to sum(p.numel()) of the module
     active_parameters: int  # parameters one token touches
     value_bytes: int  # value rows read per token
-    key_bytes: int  # all keys, read once per batch
+    batch_bytes: int  # parameters read once per batch: all keys, or an FFN's weights
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +72,7 @@ def flat_memory_cost(
         parameters=query_params + keys + n_slots * output_dim,
         active_parameters=query_params + keys + read,
         value_bytes=read * dtype_bytes,
-        key_bytes=keys * dtype_bytes,
+        batch_bytes=keys * dtype_bytes,
     )
 
 
@@ -96,7 +99,7 @@ def product_memory_cost(
         parameters=query_params + subkeys + n_slots * output_dim,
         active_parameters=query_params + subkeys + read,
         value_bytes=read * dtype_bytes,
-        key_bytes=subkeys * dtype_bytes,
+        batch_bytes=subkeys * dtype_bytes,
     )
 
 
@@ -112,8 +115,8 @@ def ffn_cost(input_dim: int, hidden_dim: int, dtype_bytes: int = 4) -> LayerCost
         topk_elements=0,
         parameters=params,
         active_parameters=params,
-        value_bytes=params * dtype_bytes,
-        key_bytes=0,
+        value_bytes=0,  # no row is read per token: every token multiplies by all the weights
+        batch_bytes=params * dtype_bytes,
     )
 
 

@@ -33,6 +33,15 @@ def test_bench_retrieval_smoke_writes_results_with_metadata():
     assert (folder / "bench_retrieval.png").stat().st_size > 0
 
 
+def test_retrieval_rows_say_how_many_queries_were_timed():
+    """The flat search is timed on a few queries and scaled: its rows say so."""
+    settings = bench.default_settings("smoke", torch.device("cpu"))
+    settings = dataclasses.replace(settings, queries=64, flat_queries=16, repeat=1)
+    rows = bench._retrieval_at(8, settings)
+    timed = {row["case"]: row["timed_queries"] for row in rows}
+    assert timed == {case: 16 if case == "flat keys" else 64 for case in bench.RETRIEVAL_CASES}
+
+
 def test_bandwidth_and_matmul_probes_are_positive_and_finite():
     bandwidth = bench.memory_bandwidth(torch.device("cpu"), n_bytes=1 << 22, repeat=2)
     flops = bench.matmul_throughput(torch.device("cpu"), size=64, repeat=2)

@@ -29,6 +29,12 @@ def test_product_search_is_sublinear():
     assert flat_large.multiply_adds / flat_small.multiply_adds > 200  # ~ N
     assert large.multiply_adds / small.multiply_adds < 4  # ~ sqrt(N) + k^2
     assert large.value_bytes == small.value_bytes == 4 * 32 * 256 * 4
+    assert large.batch_bytes == 4 * 1024 * 128 * 4  # the sub-keys, once per batch
+
+
+def test_an_ffn_reads_its_weights_per_batch_not_per_token():
+    ffn = ffn_cost(24, 96)
+    assert ffn.value_bytes == 0 and ffn.batch_bytes == ffn.parameters * 4
     assert product_vs_flat_speedup(1024**2) == pytest.approx(1024**2 * 128 / (1024 * 128 + 1024))
 
 
