@@ -43,7 +43,7 @@ from torch import nn
 
 from pkm_ref import cost, figures
 from pkm_ref.memory import ProductKeyMemory, read_bags
-from pkm_ref.profiles import add_profile_argument, by_profile, current_profile
+from pkm_ref.profiles import add_profile_argument, by_profile, current_profile, resolve_device
 from pkm_ref.search import flat_topk, product_topk
 
 BENCHES = ("retrieval", "layer", "model")
@@ -696,10 +696,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     profile = args.profile or current_profile()
-    cuda = torch.cuda.is_available()
-    device = torch.device(args.device or ("cuda" if profile == "gpu" and cuda else "cpu"))
-    if device.type == "cuda" and not cuda:
-        raise SystemExit("--device cuda: CUDA is not available on this machine")
+    try:  # by default the gpu profile measures the GPU, the others the CPU
+        device = resolve_device(args.device or ("auto" if profile == "gpu" else "cpu"))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     settings = default_settings(profile, device)
     if args.sizes:
         if any(e % 2 or not 6 <= e <= 30 for e in args.sizes):

@@ -28,13 +28,12 @@ from pathlib import Path
 from pkm_ref import figures
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.model import ModelConfig, middle_layer
-from pkm_ref.profiles import add_profile_argument, by_profile, current_profile
+from pkm_ref.profiles import add_profile_argument, by_profile, current_profile, resolve_device
 from pkm_ref.sample import load_model
 from pkm_ref.train import (
     TrainConfig,
     inference_speeds,
     read_log,
-    resolve_device,
     speed_batch,
     train_or_reuse,
 )

@@ -48,6 +48,28 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(name: str | None = None) -> torch.device:
+    """The device that ``name`` asks for: None or ``"auto"`` is ``default_device()``.
+
+    Every command and config resolves its device here, so a device torch does not know, or CUDA
+    on a machine without a GPU, fails at once with a message naming the value.
+    """
+    if name is None or name == "auto":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or another torch device, got {name!r}"
+        ) from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} was asked for (--device), but torch sees no CUDA device here; "
+            "use 'cpu', or 'auto' to take a GPU when there is one"
+        )
+    return device
+
+
 def add_profile_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--profile`` option every command shares; ``None`` means ``current_profile()``."""
     parser.add_argument(

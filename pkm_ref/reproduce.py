@@ -27,10 +27,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from pkm_ref._files import atomic_write
-from pkm_ref.profiles import ENV_VAR, add_profile_argument, by_profile, current_profile
+from pkm_ref.profiles import (
+    ENV_VAR,
+    add_profile_argument,
+    by_profile,
+    current_profile,
+    resolve_device,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 NOTEBOOKS_DIR = PACKAGE_DIR.parent / "notebooks"
@@ -65,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     profile = args.profile or current_profile()
     try:
-        device = _check_device(args.device)
+        device = resolve_device(args.device).type
         _check_corpus(args.corpus)
         runs_dir = _writable(Path(args.runs) / profile)
         figures_dir = _writable(_figures_dir(profile))
@@ -221,13 +225,6 @@ def _notebook_sources(path: Path) -> str:
     """A notebook's cell sources only: executing it (new outputs) must not make it stale."""
     cells = json.loads(path.read_text())["cells"]
     return "\n".join("".join(cell["source"]) for cell in cells)
-
-
-def _check_device(device: str | None) -> str:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; "
-                         "drop --device (CPU is used) or run on a machine with a GPU")  # fmt: skip
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _check_corpus(corpus: str) -> None:

@@ -14,7 +14,8 @@ import torch
 
 from pkm_ref.data import CharTokenizer, Tokenizer, get_tokenizer
 from pkm_ref.model import LanguageModel, ModelConfig
-from pkm_ref.train import load_checkpoint_state, resolve_device
+from pkm_ref.profiles import resolve_device
+from pkm_ref.train import load_checkpoint_state
 
 
 def load_model(

@@ -30,7 +30,7 @@ from pkm_ref._files import atomic_write
 from pkm_ref.data import CorpusSplits, Tokenizer, iter_eval_batches, load_corpus, random_batch
 from pkm_ref.model import LanguageModel, ModelConfig
 from pkm_ref.optim import SplitOptimizer
-from pkm_ref.profiles import by_profile
+from pkm_ref.profiles import by_profile, resolve_device
 from pkm_ref.usage import UsageAccumulator
 
 CHECKPOINT, LOG, FINAL = "checkpoint.pt", "log.jsonl", "final.json"
@@ -113,13 +113,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / config.warmup_steps
     progress = min(1.0, (step - config.warmup_steps) / (config.max_steps - config.warmup_steps))
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; any other name as ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:

@@ -9,9 +9,11 @@ from pkm_ref import (
     MaskedBatchNorm1d,
     ProductKeyMemory,
     QueryNetwork,
+    cli,
     flat_topk,
     product_topk,
 )
+from pkm_ref.profiles import default_device, resolve_device
 
 
 @pytest.mark.parametrize(
@@ -95,3 +97,22 @@ def test_search_inputs():
         flat_topk(torch.randn(3, 2), torch.randn(4), 1)
     with pytest.raises(TypeError, match="query must have a floating dtype"):
         flat_topk(torch.ones(3, 2, dtype=torch.long), torch.randn(4, 2), 1)
+
+
+def test_devices_are_resolved_in_one_place():
+    assert resolve_device(None) == resolve_device("auto") == default_device()
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device must be 'auto', 'cpu', 'cuda'.*got 'gpu0'"):
+        resolve_device("gpu0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_every_command_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no CUDA device here"):
+        resolve_device("cuda")
+    assert (
+        cli.main(["train", "--profile", "smoke", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    )
+    assert "no CUDA device here" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no CUDA device here"):
+        cli.main(["bench", "retrieval", "--profile", "smoke", "--device", "cuda"])
