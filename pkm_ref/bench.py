@@ -295,9 +295,17 @@ def read_values(
     return read_bags(values, indices.flatten(1), weights, compiled)  # (M, D)
 
 
+def _progress(items, what: str):
+    """``items`` with a progress bar on a terminal (stderr; none in notebooks, logs or CI)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=what, unit="size", leave=False, disable=None)
+
+
 def bench_retrieval(s: Settings, limits: dict) -> list[dict]:
     """Search + value read for each size: flat, product (reference), product (fast), read alone."""
-    return [row for exponent in s.sizes for row in _retrieval_at(exponent, s)]
+    sizes = _progress(s.sizes, "retrieval")
+    return [row for exponent in sizes for row in _retrieval_at(exponent, s)]
 
 
 def _retrieval_at(exponent: int, s: Settings) -> list[dict]:
@@ -459,7 +467,7 @@ def bench_layer(s: Settings, limits: dict) -> list[dict]:
         _row("FFN forward", None, forwards[None]),
         _row("FFN train step", None, train_step_timing(ffn, x, s)),
     ]
-    for slots in list(layers):
+    for slots in _progress(list(layers), "layer train steps"):
         layer = layers.pop(slots)  # freed after its train step
         bound = product_lower_bound_s(layer.n_keys, s.queries, limits)
         rows += [
@@ -561,7 +569,7 @@ def bench_model(s: Settings, limits: dict) -> list[dict]:
         timing = inference_timing(model, s)
         rows.append(_row(case, slots, timing, tokens_per_s=tokens / timing.median_s))
 
-    for exponent in s.sizes:
+    for exponent in _progress(s.sizes, "model"):
         slots = 2**exponent
         add("product keys", slots, 4, "product")
         if exponent <= s.model_flat_max_exponent:
