@@ -179,6 +179,9 @@ def _record_timings(steps: list[Step], state: dict, profile: str, device: str) -
     save_results("reproduce_steps", rows, profile, device, title="Time per reproduce step")
 
 
+_INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+
+
 def execute_notebook(path: Path, profile: str) -> Path:
     """Run ``path`` top to bottom in a fresh kernel with ``PKM_REF_PROFILE=profile``.
 
@@ -195,7 +198,9 @@ def execute_notebook(path: Path, profile: str) -> Path:
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
-    with _environment(**{ENV_VAR: profile}):
+    # The inline backend, whatever the caller's MPLBACKEND: a headless run with MPLBACKEND=Agg
+    # would otherwise commit a notebook whose plt.show() cells have no figure.
+    with _environment(**{ENV_VAR: profile, "MPLBACKEND": _INLINE_BACKEND}):
         client.execute()
     if profile == "smoke":
         target = Path(tempfile.gettempdir()) / "pkm_ref_smoke_notebooks" / path.name

@@ -96,3 +96,18 @@ def test_step_times_of_an_only_run_keep_the_earlier_ones(tmp_path, monkeypatch):
     reproduce._record_timings(steps[1:], {"b": {"seconds": 3.0}}, "smoke", "cpu")
     rows = json.loads((tmp_path / "reproduce_steps.json").read_text())["rows"]
     assert rows == [{"step": "a", "seconds": 1.5}, {"step": "b", "seconds": 3.0}]
+
+
+def test_executed_notebooks_keep_their_figures_under_a_headless_backend(tmp_path, monkeypatch):
+    """MPLBACKEND=Agg (a headless GPU run) must not strip the figures from a notebook."""
+    import nbformat
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.v4.new_notebook()
+    code = "import matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.show()"
+    notebook.cells = [nbformat.v4.new_code_cell(code)]
+    path = tmp_path / "figure.ipynb"
+    nbformat.write(notebook, path)
+    executed = nbformat.read(reproduce.execute_notebook(path, "smoke"), as_version=4)
+    outputs = executed.cells[0].outputs
+    assert any("image/png" in output.get("data", {}) for output in outputs)
