@@ -44,8 +44,9 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             )
         if not self.training or mask is None or bool(mask.all()):
             return super().forward(x)
-        # Statistics in float32 (under autocast x is 16-bit; the running buffers stay float32).
-        real = x[mask].float()  # (N_real, C)
+        # Statistics in at least float32 (under autocast x is 16-bit); the buffers keep their dtype.
+        stats_dtype = torch.promote_types(x.dtype, torch.float32)
+        real = x[mask].to(stats_dtype)  # (N_real, C)
         n_real = real.shape[0]
         if n_real < 2:
             raise ValueError(
@@ -60,9 +61,9 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
                 if momentum is None:  # cumulative moving average, as BatchNorm1d
                     momentum = 1.0 / float(self.num_batches_tracked)
                 unbiased = var * (n_real / (n_real - 1))
-                self.running_mean.lerp_(mean, momentum)
-                self.running_var.lerp_(unbiased, momentum)
-        normed = (x.float() - mean) * torch.rsqrt(var + self.eps)  # (N, C) float32
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        normed = (x.to(stats_dtype) - mean) * torch.rsqrt(var + self.eps)  # (N, C)
         if self.affine:
             normed = normed * self.weight + self.bias
         return normed.to(x.dtype)  # (N, C)

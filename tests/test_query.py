@@ -107,3 +107,15 @@ def test_masked_batchnorm_under_bfloat16_autocast():
     torch.testing.assert_close(out[:9].float(), expected, atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(layer.running_mean, reference.running_mean)
     torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+def test_masked_batchnorm_in_float64():
+    """A float64 module keeps float64 statistics and buffers (float32 must not be forced on it)."""
+    torch.manual_seed(6)
+    x = torch.randn(12, 4, dtype=torch.float64) * 3 + 1  # (N, C)
+    mask = torch.arange(12) < 9  # (N,)
+    layer, reference = MaskedBatchNorm1d(4).double(), MaskedBatchNorm1d(4).double()
+    out = layer(x, mask)
+    assert out.dtype == torch.float64 and layer.running_var.dtype == torch.float64
+    torch.testing.assert_close(out[:9], reference(x[mask]))
+    torch.testing.assert_close(layer.running_var, reference.running_var)
