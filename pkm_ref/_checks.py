@@ -16,12 +16,14 @@ def positive_int(name: str, value: object) -> int:
     """Return ``value`` as a Python int if it is an integer >= 1, else raise naming ``name``.
 
     Any exact integer counts (``int``, ``numpy.int64``, a 0-d integer tensor): whatever has
-    ``__index__``. Floats and bools do not.
+    ``__index__``. Floats, bools and tensors with elements along a dimension do not.
     """
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         number = None
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool):
+        number = None  # a one-element (n,) tensor or a bool tensor has __index__ too
     if isinstance(value, bool) or number is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if number < 1:

@@ -58,10 +58,12 @@ def flat_memory_cost(
     knn: int = 32, query_norm: str | None = "batchnorm", dtype_bytes: int = 4,
 ) -> LayerCost:  # fmt: skip
     """Per-token cost of ``FlatKeyMemory`` with the same arguments."""
-    for name, value in (("input_dim", input_dim), ("output_dim", output_dim),
-                        ("n_slots", n_slots), ("k_dim", k_dim), ("heads", heads)):  # fmt: skip
+    input_dim, output_dim, n_slots, k_dim, heads = (
         _checks.positive_int(name, value)
-    _checks.knn_within(knn, n_slots, "the number of slots n_slots")
+        for name, value in (("input_dim", input_dim), ("output_dim", output_dim),
+                            ("n_slots", n_slots), ("k_dim", k_dim), ("heads", heads))
+    )  # fmt: skip
+    knn = _checks.knn_within(knn, n_slots, "the number of slots n_slots")
     query_macs, query_params = _query_network(input_dim, k_dim, heads, query_norm)
     keys = heads * n_slots * k_dim
     read = heads * knn * output_dim
@@ -81,12 +83,14 @@ def product_memory_cost(
     knn: int = 32, query_norm: str | None = "batchnorm", dtype_bytes: int = 4,
 ) -> LayerCost:  # fmt: skip
     """Per-token cost of ``ProductKeyMemory`` with the same arguments (n_slots = n_keys**2)."""
-    for name, value in (("input_dim", input_dim), ("output_dim", output_dim),
-                        ("n_keys", n_keys), ("heads", heads)):  # fmt: skip
+    input_dim, output_dim, n_keys, heads = (
         _checks.positive_int(name, value)
-    _checks.even_int("k_dim", k_dim)
+        for name, value in (("input_dim", input_dim), ("output_dim", output_dim),
+                            ("n_keys", n_keys), ("heads", heads))
+    )  # fmt: skip
+    k_dim = _checks.even_int("k_dim", k_dim)
     n_slots = n_keys * n_keys
-    _checks.knn_within(knn, n_slots, "the number of product keys n_keys**2")
+    knn = _checks.knn_within(knn, n_slots, "the number of product keys n_keys**2")
     query_macs, query_params = _query_network(input_dim, k_dim, heads, query_norm)
     subkeys = heads * n_keys * k_dim  # 2 halves of n_keys sub-keys of size k_dim / 2
     k_half = min(knn, n_keys)
@@ -105,8 +109,8 @@ def product_memory_cost(
 
 def ffn_cost(input_dim: int, hidden_dim: int, dtype_bytes: int = 4) -> LayerCost:
     """Per-token cost of an FFN: Linear(input, hidden) -> activation -> Linear(hidden, input)."""
-    _checks.positive_int("input_dim", input_dim)
-    _checks.positive_int("hidden_dim", hidden_dim)
+    input_dim = _checks.positive_int("input_dim", input_dim)
+    hidden_dim = _checks.positive_int("hidden_dim", hidden_dim)
     weights = 2 * input_dim * hidden_dim
     params = weights + hidden_dim + input_dim
     return LayerCost(

@@ -51,6 +51,8 @@ class MemoryConfig:
 
     def __post_init__(self) -> None:
         _checks.one_of("memory kind", self.kind, MEMORY_KINDS)
+        for name in ("n_keys", "k_dim", "heads", "knn"):  # plain ints: configs are saved as JSON
+            setattr(self, name, _checks.positive_int(name, getattr(self, name)))
 
     @property
     def n_slots(self) -> int:
@@ -72,7 +74,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-            _checks.positive_int(name, getattr(self, name))
+            setattr(self, name, _checks.positive_int(name, getattr(self, name)))
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         _checks.probability("dropout", self.dropout)

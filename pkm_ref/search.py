@@ -82,7 +82,7 @@ def flat_topk(
     if query.dim() < 2 or query.shape[-2:] != (heads, dim):
         expected = f"(..., {dim})" if single_head else f"(..., {heads}, {dim})"
         raise ValueError(f"query must have shape {expected} to match keys, got {given_shape}")
-    _checks.knn_within(knn, n_slots, "the number of keys N")
+    knn = _checks.knn_within(knn, n_slots, "the number of keys N")
 
     lead_shape = query.shape[:-2]
     flat_query = query.reshape(-1, heads, dim)  # (M, H, d)
@@ -166,7 +166,7 @@ def product_topk(
     if query.dim() < 2 or query.shape[-2:] != (heads, 2 * half):
         expected = f"(..., {2 * half})" if single_head else f"(..., {heads}, {2 * half})"
         raise ValueError(f"query must have shape {expected} to match subkeys, got {given_shape}")
-    _checks.knn_within(knn, n_keys * n_keys, "the number of product keys n_keys**2")
+    knn = _checks.knn_within(knn, n_keys * n_keys, "the number of product keys n_keys**2")
 
     lead_shape = query.shape[:-2]
     halves = query.reshape(-1, heads, 2, half)  # (M, H, 2, half)
@@ -215,8 +215,8 @@ def staircase(knn: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         two int64 tensors (C,): the rank in the first half's and in the second half's top list.
     """
-    _checks.positive_int("n_keys", n_keys)
-    _checks.knn_within(knn, n_keys * n_keys, "the number of product keys n_keys**2")
+    n_keys = _checks.positive_int("n_keys", n_keys)
+    knn = _checks.knn_within(knn, n_keys * n_keys, "the number of product keys n_keys**2")
     return _staircase(knn, n_keys, torch.device("cpu"))
 
 

@@ -13,6 +13,8 @@ from pkm_ref import (
     flat_topk,
     product_topk,
 )
+from pkm_ref.cost import product_memory_cost
+from pkm_ref.model import MemoryConfig, ModelConfig
 from pkm_ref.profiles import default_device, resolve_device
 
 
@@ -44,6 +46,13 @@ def test_any_exact_integer_is_accepted():
     assert (memory.output_dim, memory.n_keys, memory.k_dim) == (8, 4, 8)
     assert all(type(v) is int for v in (memory.output_dim, memory.n_keys, memory.k_dim))
     assert memory(torch.randn(3, 8)).shape == (3, 8)
+    config = ModelConfig(d_model=np.int64(64), memory=MemoryConfig(n_keys=np.int64(8)))
+    assert type(config.d_model) is int and type(config.memory.n_keys) is int
+    cost = product_memory_cost(64, 64, n_keys=np.int64(8), k_dim=torch.tensor(16), knn=4)
+    assert type(cost.multiply_adds) is int
+    for not_a_size in (torch.tensor(True), torch.tensor([3]), torch.tensor(3.0)):
+        with pytest.raises(TypeError, match="n_keys must be an int, got Tensor"):
+            ProductKeyMemory(8, 8, n_keys=not_a_size, k_dim=8, knn=2)
 
 
 def test_query_network_and_batchnorm_arguments():
