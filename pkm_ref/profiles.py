@@ -64,8 +64,13 @@ def resolve_device(name: str | None = None) -> torch.device:
         ) from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"device {name!r} was asked for (--device), but torch sees no CUDA device here; "
+            f"device {name!r} was asked for, but torch sees no CUDA device here; "
             "use 'cpu', or 'auto' to take a GPU when there is one"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r} was asked for, but torch sees only "
+            f"{torch.cuda.device_count()} CUDA device(s) here"
         )
     return device
 
