@@ -42,16 +42,23 @@ def show(fig: Any, name: str) -> None:
     path = figures.save_figure(fig, name)
     if current_profile() != "smoke":
         print(f"saved {os.path.relpath(path)}")
-    try:
-        from IPython import get_ipython
+    if _in_kernel():
         from IPython.display import display
-    except ImportError:  # plain Python without IPython
-        get_ipython = None
-    if get_ipython is not None and get_ipython() is not None:
+
         display(fig)
         plt.close(fig)
-    else:
+    else:  # a script or terminal IPython: the backend's own window, if any
         plt.show()
+
+
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel (a notebook, nbclient, Colab), not in terminal IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in shell.config
 
 
 def attach_widget(function: Callable[..., None], **controls: Any) -> None:
