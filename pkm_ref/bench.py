@@ -328,7 +328,7 @@ def _retrieval_at(exponent: int, s: Settings) -> list[dict]:
         flat = _time_flat(s, exponent, query, values)
     read_bytes = s.queries * HEADS * KNN * D_MODEL * values.element_size()
     # timed_queries: the flat search is timed on fewer queries and its time scaled to all of them.
-    flat_queries = min(s.flat_queries, s.queries)
+    flat_queries = min(s.flat_queries, s.queries) if flat is not None else None
     return [_row("flat keys", slots, flat, GBps=None, timed_queries=flat_queries)] + [
         _row(case, slots, timings[case],
              GBps=read_bytes / timings[case].median_s / 1e9 if "read" in case else None,
@@ -384,7 +384,8 @@ def plot_retrieval(rows: list[dict], meta: dict):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     slots = sorted({row["slots"] for row in rows})
     styles = ("o-", "s-", "D-", "^:", "v:")
-    flat_label = f"flat keys (timed on {meta['flat_queries']} queries, scaled)"
+    flat_queries = min(meta["flat_queries"], meta["queries"])
+    flat_label = f"flat keys (timed on {flat_queries} queries, scaled)"
     for i, (case, style) in enumerate(zip(RETRIEVAL_CASES, styles, strict=True)):
         label = flat_label if case == "flat keys" else case
         plot_case(ax, rows, case, style, color=f"C{i}", label=label)

@@ -40,6 +40,10 @@ def test_retrieval_rows_say_how_many_queries_were_timed():
     rows = bench._retrieval_at(8, settings)
     timed = {row["case"]: row["timed_queries"] for row in rows}
     assert timed == {case: 16 if case == "flat keys" else 64 for case in bench.RETRIEVAL_CASES}
+    without_flat = dataclasses.replace(settings, flat_max_exponent=6)  # flat keys not measured
+    flat_row = bench._retrieval_at(8, without_flat)[0]
+    assert flat_row["case"] == "flat keys"
+    assert flat_row["median_ms"] is None and flat_row["timed_queries"] is None
 
 
 def test_bandwidth_and_matmul_probes_are_positive_and_finite():
