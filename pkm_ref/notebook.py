@@ -33,9 +33,9 @@ def setup(seed: int = 0) -> tuple[str, torch.device]:
 def show(fig: Any, name: str) -> None:
     """Save ``fig`` through ``pkm_ref.figures`` (smoke runs go to scratch) and display it.
 
-    In a notebook the figure is displayed as an output of its cell whatever matplotlib's backend
-    (a headless run with ``MPLBACKEND=Agg`` would otherwise commit a notebook without its figures),
-    then closed so that the inline backend does not draw it a second time.
+    In a notebook the saved PNG itself is displayed as an output of the cell, whatever
+    matplotlib's backend (under ``MPLBACKEND=Agg`` a notebook would otherwise be committed without
+    its figures), and the figure is closed so that the inline backend does not draw it again.
     """
     import matplotlib.pyplot as plt
 
@@ -43,9 +43,9 @@ def show(fig: Any, name: str) -> None:
     if current_profile() != "smoke":
         print(f"saved {os.path.relpath(path)}")
     if _in_kernel():
-        from IPython.display import display
+        from IPython.display import Image, display
 
-        display(fig)
+        display(Image(filename=str(path)))
         plt.close(fig)
     else:  # a script or terminal IPython: the backend's own window, if any
         plt.show()

@@ -37,3 +37,21 @@ def test_badge_summary_and_exercises(path):
     }
     headings = {line for line in lines if line.startswith("## ")}
     assert "## Summary" in headings and "## Exercises" in headings
+
+
+def test_show_embeds_the_figure_under_a_headless_backend(tmp_path, monkeypatch):
+    """``pkm_ref.notebook.show`` puts the PNG in the cell's output even with MPLBACKEND=Agg."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PKM_REF_FIGURES", str(tmp_path))
+    code = (
+        "import matplotlib.pyplot as plt\nimport pkm_ref.notebook\n"
+        "fig, ax = plt.subplots()\nax.plot([0, 1])\npkm_ref.notebook.show(fig, 'headless')"
+    )
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    NotebookClient(notebook, kernel_name="python3").execute()
+    outputs = notebook.cells[0].outputs
+    assert any("image/png" in output.get("data", {}) for output in outputs)
+    assert (tmp_path / "headless.png").exists()
