@@ -51,7 +51,15 @@ def _retrieval_verdict(folder: Path) -> str:
     rows = _rows(folder, "bench_retrieval")
     if not rows:
         return "No retrieval results in this folder."
-    common = sorted({r["slots"] for r in rows if r["case"] == "flat keys"})
+    # Sizes where both searches were timed: beyond the flat-key limit (or after running out of
+    # GPU memory) the bench keeps a flat row without a time.
+    timed = {
+        case: {r["slots"] for r in rows if r["case"] == case and r["median_ms"] is not None}
+        for case in ("flat keys", "product keys")
+    }
+    common = sorted(timed["flat keys"] & timed["product keys"])
+    if len(common) < 2:
+        return "Flat and product keys were timed together at fewer than two sizes: no verdict."
     small, large = common[0], common[-1]
     flat_growth = _median(rows, "flat keys", large) / _median(rows, "flat keys", small)
     product_growth = _median(rows, "product keys", large) / _median(rows, "product keys", small)

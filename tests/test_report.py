@@ -38,6 +38,24 @@ def test_results_name_every_figure_and_judge_the_claims(tmp_path, monkeypatch):
         assert f"### {name}" in text
 
 
+def test_retrieval_verdict_skips_sizes_where_flat_keys_were_not_timed(tmp_path):
+    """Above the flat-key limit the bench writes a flat row with no time; the verdict spans the
+    sizes where both searches ran, and says so when there are fewer than two."""
+    rows = [
+        {"case": case, "slots": slots, "median_ms": ms}
+        for case, slots, ms in [
+            ("flat keys", 4096, 10.0), ("product keys", 4096, 5.0),
+            ("flat keys", 2**16, 160.0), ("product keys", 2**16, 5.5),
+            ("flat keys", 2**20, None), ("product keys", 2**20, 6.0),
+        ]
+    ]  # fmt: skip
+    _write(tmp_path, "bench_retrieval", rows)
+    verdict = report._retrieval_verdict(tmp_path)
+    assert "From 4,096 to 65,536 slots (16x)" in verdict and "16x slower" in verdict
+    _write(tmp_path, "bench_retrieval", [r for r in rows if r["slots"] != 2**16][1:])
+    assert "fewer than two sizes" in report._retrieval_verdict(tmp_path)
+
+
 def test_lm_verdict_says_when_the_claim_fails(tmp_path):
     rows = [
         dict(model=model, role=role, test_bpb=bpb, infer_tok_s=infer, train_tok_s=train)
