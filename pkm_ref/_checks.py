@@ -69,6 +69,18 @@ def floating(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def same_dtype_as_query(name: str, value: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Return ``value`` if it is floating with ``query``'s dtype. Under ``torch.autocast`` the two
+    may differ (a 16-bit query meets float32 keys): autocast casts both before the matmul."""
+    floating(name, value)
+    if value.dtype != query.dtype and not torch.is_autocast_enabled(query.device.type):
+        raise TypeError(
+            f"{name} ({value.dtype}) must have the dtype of query ({query.dtype}) "
+            "outside torch.autocast"
+        )
+    return value
+
+
 def knn_within(knn: object, limit: int, what: str) -> int:
     """Return ``knn`` if 1 <= knn <= limit, else raise saying what bounds it."""
     number = positive_int("knn", knn)

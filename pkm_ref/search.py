@@ -70,7 +70,7 @@ def flat_topk(
         indices: (..., knn) or (..., H, knn), int64 in [0, N).
     """
     _checks.floating("query", _checks.tensor("query", query))
-    _checks.tensor("keys", keys)
+    _checks.same_dtype_as_query("keys", _checks.tensor("keys", keys), query)
     if keys.dim() not in (2, 3):
         raise ValueError(f"keys must have shape (N, d) or (H, N, d), got {tuple(keys.shape)}")
     single_head = keys.dim() == 2
@@ -150,7 +150,7 @@ def product_topk(
         indices: (..., knn) or (..., H, knn), int64 slot indices in [0, n^2).
     """
     _checks.floating("query", _checks.tensor("query", query))
-    _checks.tensor("subkeys", subkeys)
+    _checks.same_dtype_as_query("subkeys", _checks.tensor("subkeys", subkeys), query)
     _checks.one_of("method", method, PRODUCT_METHODS)
     if subkeys.dim() not in (3, 4) or subkeys.shape[-3] != 2:
         raise ValueError(

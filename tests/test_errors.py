@@ -108,6 +108,22 @@ def test_search_inputs():
         flat_topk(torch.ones(3, 2, dtype=torch.long), torch.randn(4, 2), 1)
 
 
+def test_keys_must_share_the_query_dtype_outside_autocast():
+    """A float64 query against float32 keys fails naming both dtypes; under torch.autocast, where
+    a bfloat16 query meets float32 keys on purpose, the search runs."""
+    query, subkeys = torch.randn(5, 6, dtype=torch.float64), torch.randn(2, 4, 3)
+    with pytest.raises(TypeError, match=r"subkeys \(torch.float32\) .* query \(torch.float64\)"):
+        product_topk(query, subkeys, 2)
+    with pytest.raises(TypeError, match="subkeys must have a floating dtype"):
+        product_topk(query, torch.ones(2, 4, 3, dtype=torch.long), 2)
+    with pytest.raises(TypeError, match=r"keys \(torch.float32\) .* query \(torch.float64\)"):
+        flat_topk(query, torch.randn(4, 6), 2)
+    with torch.autocast("cpu", torch.bfloat16):
+        for search, keys in ((product_topk, subkeys), (flat_topk, torch.randn(4, 6))):
+            scores, _ = search(query.to(torch.bfloat16), keys, 2)  # (5, 2)
+            assert scores.shape == (5, 2)
+
+
 def test_devices_are_resolved_in_one_place():
     assert resolve_device(None) == resolve_device("auto") == default_device()
     assert resolve_device("cpu") == torch.device("cpu")
