@@ -125,9 +125,13 @@ def ffn_cost(input_dim: int, hidden_dim: int, dtype_bytes: int = 4) -> LayerCost
 
 
 def product_vs_flat_speedup(n_slots: int, k_dim: int = 128, knn: int = 32) -> float:
-    """Analytic ratio of search work, flat over product: N*d / (sqrt(N)*d + knn^2)."""
+    """Analytic ratio of search work, flat over product: N*d / (sqrt(N)*d + k'^2),
+    with k' = min(knn, sqrt(N)) candidates per half (as in ``product_memory_cost``)."""
+    n_slots = _checks.positive_int("n_slots", n_slots)
+    k_dim = _checks.positive_int("k_dim", k_dim)
     n_keys = math.isqrt(n_slots)
     if n_keys * n_keys != n_slots:
         raise ValueError(f"n_slots must be a perfect square for product keys, got {n_slots}")
+    knn = _checks.knn_within(knn, n_slots, "the number of slots n_slots")
     k_half = min(knn, n_keys)
     return (n_slots * k_dim) / (n_keys * k_dim + k_half * k_half)

@@ -35,7 +35,18 @@ def test_product_search_is_sublinear():
 def test_an_ffn_reads_its_weights_per_batch_not_per_token():
     ffn = ffn_cost(24, 96)
     assert ffn.value_bytes == 0 and ffn.batch_bytes == ffn.parameters * 4
+
+
+def test_speedup_counts_at_most_sqrt_n_candidates_per_half():
     assert product_vs_flat_speedup(1024**2) == pytest.approx(1024**2 * 128 / (1024 * 128 + 1024))
+    # knn = 32 > sqrt(64) = 8: each half offers its 8 sub-keys, 64 candidate sums.
+    assert product_vs_flat_speedup(64, 128, 32) == pytest.approx(64 * 128 / (8 * 128 + 64))
+    with pytest.raises(ValueError, match="knn must be >= 1, got 0"):
+        product_vs_flat_speedup(16, 128, 0)
+    with pytest.raises(ValueError, match=r"knn must be <= the number of slots n_slots \(16\)"):
+        product_vs_flat_speedup(16, 128, 17)
+    with pytest.raises(ValueError, match="n_slots must be >= 1, got 0"):
+        product_vs_flat_speedup(0)
 
 
 def test_active_parameters_are_a_sliver_of_a_large_memory():
