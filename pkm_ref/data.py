@@ -67,11 +67,12 @@ def _as_list(ids: torch.Tensor | Sequence[int]) -> list[int]:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary 256, any text encodes.
+    """UTF-8 bytes as tokens: vocabulary 256.
 
     ``encode`` returns ``torch.uint8`` ids, one byte per token, so a 12 MB corpus stays 12 MB in
     memory. It encodes with ``errors="surrogateescape"``, so text decoded from bytes that way
-    (enwik8) gives back its exact original bytes.
+    (enwik8) gives back its exact original bytes. Any text UTF-8 can hold encodes; a lone
+    surrogate that did not come from such decoding raises ``UnicodeEncodeError``.
     """
 
     name = "byte"
@@ -130,8 +131,15 @@ class CharTokenizer:
         return ids
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
-        """Text of character ids."""
-        return "".join(self.chars[i] for i in _as_list(ids))
+        """Text of character ids. Raises ValueError naming the first id outside the vocabulary."""
+        ids = _as_list(ids)
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"id {bad} is outside this char tokenizer's vocabulary of {self.vocab_size} "
+                "characters"
+            )
+        return "".join(self.chars[i] for i in ids)
 
 
 _TOKENIZER_NAMES = ("byte", "char")

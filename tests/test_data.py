@@ -71,6 +71,14 @@ def test_char_tokenizer_unknown_character_is_named() -> None:
         tokenizer.encode("abz")
 
 
+def test_char_tokenizer_refuses_ids_outside_its_vocabulary() -> None:
+    tokenizer = CharTokenizer("ab")
+    assert tokenizer.decode([1, 0]) == "ba"
+    for bad in (2, -1):  # -1 would otherwise wrap around to the last character
+        with pytest.raises(ValueError, match=f"id {bad} is outside .* vocabulary of 2"):
+            tokenizer.decode([0, bad])
+
+
 def test_get_tokenizer_errors() -> None:
     assert get_tokenizer("byte").vocab_size == 256
     with pytest.raises(ValueError, match=r"'bpe'.*byte, char"):
