@@ -32,6 +32,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from pkm_ref import _checks
 
@@ -90,8 +91,12 @@ def flat_topk(
         scores, indices = _blockwise_topk(flat_query, keys, knn)  # (M, H, knn) each
     if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad):
         # Recompute the chosen scores with autograd: <q, keys[h, idx]>, O(knn * d) per query.
-        head = torch.arange(heads, device=keys.device)[:, None]  # (H, 1)
-        chosen_keys = keys[head, indices]  # (M, H, knn, d)
+        # Read as rows of the (H * N, d) table with F.embedding: its backward sums the gradients
+        # of a key in a fixed order, where keys[head, indices] accumulates them in a different
+        # order on every multi-threaded run, so training could not be repeated bit for bit.
+        offsets = torch.arange(heads, device=keys.device)[:, None] * n_slots  # (H, 1)
+        rows = keys.reshape(heads * n_slots, dim)  # (H * N, d)
+        chosen_keys = F.embedding(indices + offsets, rows)  # (M, H, knn, d)
         scores = torch.einsum("mhd,mhkd->mhk", flat_query, chosen_keys)  # (M, H, knn)
         # Recomputation can reorder near-ties by rounding; sort again so the contract holds.
         scores, order = scores.sort(dim=-1, descending=True)  # (M, H, knn)

@@ -144,6 +144,29 @@ def test_flat_topk_scores_differentiable():
     assert torch.autograd.gradcheck(lambda q, k: flat_topk(q, k, 3)[0], (query, keys))
 
 
+def test_flat_topk_key_gradients_repeat_bit_for_bit():
+    """Training with flat keys must repeat exactly (a resumed run continues the same run): the
+    gradient of a key read by many queries is summed in the same order on every run, on two
+    threads as on one. Advanced indexing summed it in a different order each time."""
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(4, 4096, 64, generator=generator)  # (H, N, d)
+    query = torch.randn(4096, 4, 64, generator=generator)  # (M, H, d)
+
+    def key_gradient() -> torch.Tensor:
+        leaf = keys.clone().requires_grad_()
+        scores, _ = flat_topk(query, leaf, 32)  # (M, H, 32)
+        scores.square().sum().backward()
+        return leaf.grad
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gradients = [key_gradient() for _ in range(4)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(gradients[0], g) for g in gradients[1:])
+
+
 def test_flat_and_product_agree():
     """A flat search over the materialised product keys finds the same slots."""
     torch.manual_seed(7)

@@ -13,7 +13,7 @@ import torch
 
 from pkm_ref import cli
 from pkm_ref.data import CorpusSplits, load_corpus
-from pkm_ref.model import ModelConfig
+from pkm_ref.model import MEMORY_KINDS, ModelConfig
 from pkm_ref.train import (
     CHECKPOINT,
     FINAL,
@@ -85,8 +85,13 @@ def test_evaluate_reports_bits_per_byte_and_memory_usage(splits: CorpusSplits) -
     assert not memory.record_usage and memory.last_indices is None and trainer.model.training
 
 
-def test_resume_continues_exactly(tmp_path: Path, splits: CorpusSplits) -> None:
-    model_config = dataclasses.replace(MEMORY_MODEL, dropout=0.1)  # draws from the global RNG
+@pytest.mark.parametrize("kind", MEMORY_KINDS)
+def test_resume_continues_exactly(tmp_path: Path, splits: CorpusSplits, kind: str) -> None:
+    model_config = dataclasses.replace(
+        MEMORY_MODEL,
+        dropout=0.1,  # draws from the global RNG
+        memory=dataclasses.replace(MEMORY_MODEL.memory, kind=kind),
+    )
     first = Trainer(model_config, TRAIN, tmp_path, splits)
     for _ in range(4):
         first.train_step()
