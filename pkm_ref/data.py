@@ -512,18 +512,20 @@ def random_batch(
 
 
 def iter_eval_batches(
-    tokens: torch.Tensor, batch_size: int, block_size: int, max_batches: int | None = None
+    tokens: torch.Tensor, batch_size: int, block_size: int, max_windows: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic non-overlapping windows covering a split, for evaluation.
 
     Window ``i`` is ``x = tokens[i*T : (i+1)*T]``, ``y = tokens[i*T + 1 : (i+1)*T + 1]`` with
     ``T = block_size``; together the windows predict every token but the first and the last
-    ``< T`` ones. Yields int64 ``(x, y)`` of shape (batch_size, T), the last batch possibly
-    smaller, stopping after ``max_batches`` batches when given.
+    ``< T`` ones. Only the first ``max_windows`` windows when given: the same text whatever the
+    batch size. Yields int64 ``(x, y)`` of shape (batch_size, T), the last batch possibly smaller.
     """
     _check_length(tokens, block_size)
     n_windows = (len(tokens) - 1) // block_size
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
     xs = tokens[: n_windows * block_size].view(n_windows, block_size)
     ys = tokens[1 : n_windows * block_size + 1].view(n_windows, block_size)
-    starts = range(0, n_windows, batch_size)[:max_batches]
+    starts = range(0, n_windows, batch_size)
     return ((xs[i : i + batch_size].long(), ys[i : i + batch_size].long()) for i in starts)

@@ -156,7 +156,8 @@ def evaluate(
 
     Args:
         tokens: (n,) token ids of the split; read in non-overlapping windows of ``block_size``.
-        max_tokens: read at most about this many tokens (whole batches), from the start.
+        max_tokens: read this many tokens from the start (rounded up to whole windows of
+            ``block_size``): the same text at any batch size.
         tokenizer: gives the bytes per token for bits per byte (None: one byte per token).
 
     Returns:
@@ -167,10 +168,10 @@ def evaluate(
     """
     device = next(model.parameters()).device
     block = model.config.block_size
-    max_batches = None if max_tokens is None else math.ceil(max_tokens / (batch_size * block))
+    max_windows = None if max_tokens is None else math.ceil(max_tokens / block)
     total_loss, scored = 0.0, 0
     with _recording_usage(model) as accumulators:
-        for x, y in iter_eval_batches(tokens, batch_size, block, max_batches):
+        for x, y in iter_eval_batches(tokens, batch_size, block, max_windows):
             x, y = x.to(device), y.to(device)  # (b, T) each
             with autocast(device, precision):
                 _, loss = model(x, y)
