@@ -18,6 +18,21 @@ def positive_int(name: str, value: object) -> int:
     Any exact integer counts (``int``, ``numpy.int64``, a 0-d integer tensor): whatever has
     ``__index__``. Floats, bools and tensors with elements along a dimension do not.
     """
+    number = _exact_int(name, value)
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
+
+
+def nonnegative_int(name: str, value: object) -> int:
+    """Return ``value`` as a Python int if it is an integer >= 0 (see ``positive_int``)."""
+    number = _exact_int(name, value)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {number}")
+    return number
+
+
+def _exact_int(name: str, value: object) -> int:
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
@@ -26,8 +41,6 @@ def positive_int(name: str, value: object) -> int:
         number = None  # a one-element (n,) tensor or a bool tensor has __index__ too
     if isinstance(value, bool) or number is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if number < 1:
-        raise ValueError(f"{name} must be >= 1, got {number}")
     return number
 
 

@@ -276,6 +276,9 @@ class LanguageModel(nn.Module):
         """
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        max_new_tokens = _checks.nonnegative_int("max_new_tokens", max_new_tokens)
+        if top_k is not None:
+            top_k = _checks.positive_int("top_k", top_k)
         was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):

@@ -174,3 +174,13 @@ def test_generate_appends_tokens_and_restores_mode() -> None:
     greedy = model.generate(prompt, 1, top_k=1)
     logits, _ = model.eval()(prompt)
     assert torch.equal(greedy[:, -1], logits[:, -1].argmax(-1))
+
+
+def test_generate_refuses_bad_lengths_and_top_k() -> None:
+    model = LanguageModel(tiny_config())
+    prompt = tokens(batch=1, time=3)
+    assert torch.equal(model.generate(prompt, 0), prompt)  # nothing to add: the prompt itself
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -3"):
+        model.generate(prompt, -3)
+    with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
+        model.generate(prompt, 2, top_k=0)
