@@ -43,7 +43,13 @@ from torch import nn
 
 from pkm_ref import cost, figures
 from pkm_ref.memory import ProductKeyMemory, read_bags
-from pkm_ref.profiles import add_profile_argument, by_profile, current_profile, resolve_device
+from pkm_ref.profiles import (
+    add_device_argument,
+    add_profile_argument,
+    by_profile,
+    current_profile,
+    profile_device,
+)
 from pkm_ref.search import flat_topk, product_topk
 
 BENCHES = ("retrieval", "layer", "model")
@@ -691,10 +697,7 @@ def format_table(header: list[str], lines: list[list]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bench", choices=(*BENCHES, "all"), help="which benchmark to run")
     add_profile_argument(parser)
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default=None,
-        help="default: cuda with the gpu profile if available, else cpu",
-    )  # fmt: skip
+    add_device_argument(parser)
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=None, metavar="E",
         help="memory sizes as exponents: N = 2^E slots, E even (default: by profile)",
@@ -705,8 +708,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     profile = args.profile or current_profile()
-    try:  # by default the gpu profile measures the GPU, the others the CPU
-        device = resolve_device(args.device or ("auto" if profile == "gpu" else "cpu"))
+    try:
+        device = profile_device(profile, args.device)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     settings = default_settings(profile, device)

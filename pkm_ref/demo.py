@@ -13,7 +13,7 @@ import time
 import torch
 
 from pkm_ref.memory import ProductKeyMemory
-from pkm_ref.profiles import add_profile_argument, by_profile, current_profile, resolve_device
+from pkm_ref.profiles import add_profile_argument, by_profile, current_profile, profile_device
 from pkm_ref.search import product_topk
 from pkm_ref.usage import memory_usage
 
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     n_keys = by_profile(smoke=32, cpu=512, gpu=512, profile=profile)
     batch = by_profile(smoke=(2, 16), cpu=(8, 128), gpu=(32, 512), profile=profile)
-    device = resolve_device("auto" if profile == "gpu" else "cpu")
+    device = profile_device(profile)
     memory = ProductKeyMemory(256, 256, n_keys=n_keys, k_dim=128, heads=4, knn=32).to(device)
     print(f"profile {profile} on {device}: {memory}")
     print(f"{memory.n_slots:,} slots, {sum(p.numel() for p in memory.parameters()):,} parameters")

@@ -28,7 +28,13 @@ from pathlib import Path
 from pkm_ref import figures
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.model import ModelConfig, middle_layer
-from pkm_ref.profiles import add_profile_argument, by_profile, current_profile, resolve_device
+from pkm_ref.profiles import (
+    add_device_argument,
+    add_profile_argument,
+    by_profile,
+    current_profile,
+    profile_device,
+)
 from pkm_ref.sample import load_model
 from pkm_ref.train import (
     TrainConfig,
@@ -176,15 +182,15 @@ def compare(
     runs_dir: Path | None = None,
     force: bool = False,
     seed: int = 0,
-    device: str = "auto",
+    device: str | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Train (or reuse) every variant of ``profile``, save the table and figures; the rows."""
     import matplotlib.pyplot as plt
 
-    # The run's identity records the device itself, not how it was named ("auto" or "cpu").
-    hardware = resolve_device(device)
-    train_config = TrainConfig.for_profile(profile, corpus=corpus, seed=seed, device=hardware.type)
+    # The run's identity records the device itself, not how it was named ("auto" or None).
+    hardware = profile_device(profile, device)
+    train_config = TrainConfig.for_profile(profile, corpus=corpus, seed=seed, device=str(hardware))
     splits = load_corpus(corpus, train_config.tokenizer, seed, train_config.max_chars)
     runs_dir = (default_runs_dir() if runs_dir is None else Path(runs_dir)) / profile
     models = variants(profile, splits.tokenizer.vocab_size)
@@ -239,7 +245,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--runs", type=Path, default=None,
         help="where runs go, as <runs>/<profile>/<model> (default: the repository's runs/)",
     )  # fmt: skip
-    parser.add_argument("--device", default="auto", help='"auto" (CUDA when available), "cpu"')
+    add_device_argument(parser)
     parser.add_argument(
         "--force", action="store_true", help="retrain models whose final metrics already exist"
     )

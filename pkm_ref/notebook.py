@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pkm_ref import figures
-from pkm_ref.profiles import current_profile, default_device
+from pkm_ref.profiles import current_profile, profile_device
 
 REPOSITORY = "pkm-ref/pkm_ref"  # GitHub owner/name used by the Colab badges and install cells
 
@@ -23,7 +23,8 @@ def setup(seed: int = 0) -> tuple[str, torch.device]:
     """Seed every RNG, print what this kernel runs on, and return (profile, device)."""
     random.seed(seed)
     torch.manual_seed(seed)
-    profile, device = current_profile(), default_device()
+    profile = current_profile()
+    device = profile_device(profile)
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"profile: {profile} (set PKM_REF_PROFILE=smoke|cpu|gpu to change)")
     print(f"device: {device}{gpu}; torch {torch.__version__}; python {platform.python_version()}")

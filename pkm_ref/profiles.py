@@ -4,7 +4,9 @@
 short run on a few cores) or ``gpu`` (the full reproduction). Unset, it follows the hardware:
 ``gpu`` when CUDA is available, else ``cpu``. Tests force ``smoke``.
 
-Notebooks and commands choose their sizes with ``by_profile``:
+A profile also picks the default device of every command and notebook (``profile_device``): the
+GPU for ``gpu``, the CPU for the others. Notebooks and commands choose their sizes with
+``by_profile``:
 
     n_keys = by_profile(smoke=16, cpu=128, gpu=512)
 """
@@ -72,7 +74,34 @@ def resolve_device(name: str | None = None) -> torch.device:
             f"device {name!r} was asked for, but torch sees only "
             f"{torch.cuda.device_count()} CUDA device(s) here"
         )
+    if device.type not in ("cpu", "cuda"):  # e.g. xpu or mps: can this torch use it at all?
+        try:
+            torch.empty(0, device=device)
+        except Exception as error:  # AssertionError, NotImplementedError, ... by backend
+            raise ValueError(
+                f"device {name!r} was asked for, but this torch cannot use it ({error})"
+            ) from None
     return device
+
+
+def profile_device(profile: str, name: str | None = None) -> torch.device:
+    """The device of a run at ``profile``: ``name`` when given, else the profile's own hardware,
+    a GPU for ``gpu`` (when there is one) and the CPU for ``smoke`` and ``cpu``.
+
+    Results are filed by profile (``figures/`` for cpu, ``figures/gpu/`` for gpu), so a cpu run on
+    a machine with a GPU still measures the CPU unless told otherwise.
+    """
+    return resolve_device(name if name is not None else ("auto" if profile == "gpu" else "cpu"))
+
+
+def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The ``--device`` option of the commands that run at a profile (see ``profile_device``)."""
+    parser.add_argument(
+        "--device",
+        default=None,
+        help='"cpu", "cuda", "cuda:1", "auto" (CUDA when available); default: the profile\'s, '
+        "the GPU for gpu when there is one, else the CPU",
+    )
 
 
 def add_profile_argument(parser: argparse.ArgumentParser) -> None:

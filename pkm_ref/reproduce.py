@@ -30,10 +30,11 @@ from pathlib import Path
 from pkm_ref._files import atomic_write
 from pkm_ref.profiles import (
     ENV_VAR,
+    add_device_argument,
     add_profile_argument,
     by_profile,
     current_profile,
-    resolve_device,
+    profile_device,
 )
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -52,10 +53,7 @@ class Step:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_profile_argument(parser)
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default=None,
-        help="device for training and benchmarks (default: cuda when available)",
-    )  # fmt: skip
+    add_device_argument(parser)
     parser.add_argument("--corpus", default="sotu", help="corpus of the language-model comparison")
     parser.add_argument("--runs", default="runs", help="folder for checkpoints and the step record")
     parser.add_argument("--force", action="store_true", help="redo steps that are up to date")
@@ -69,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     profile = args.profile or current_profile()
     try:
-        device = resolve_device(args.device).type
+        device = str(profile_device(profile, args.device))
         _check_corpus(args.corpus)
         runs_dir = _writable(Path(args.runs) / profile)
         figures_dir = _writable(_figures_dir(profile))

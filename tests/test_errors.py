@@ -15,7 +15,7 @@ from pkm_ref import (
 )
 from pkm_ref.cost import product_memory_cost
 from pkm_ref.model import MemoryConfig, ModelConfig
-from pkm_ref.profiles import default_device, resolve_device
+from pkm_ref.profiles import default_device, profile_device, resolve_device
 
 
 @pytest.mark.parametrize(
@@ -129,6 +129,23 @@ def test_devices_are_resolved_in_one_place():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match=r"device must be 'auto', 'cpu', 'cuda'.*got 'gpu0'"):
         resolve_device("gpu0")
+
+
+@pytest.mark.skipif(hasattr(torch, "xpu") and torch.xpu.is_available(), reason="an XPU is here")
+def test_a_device_this_torch_cannot_use_is_refused_at_once():
+    with pytest.raises(ValueError, match="device 'xpu' was asked for, but this torch cannot use"):
+        resolve_device("xpu")
+
+
+def test_each_profile_has_its_own_default_device(monkeypatch):
+    """On a machine with a GPU, the cpu and smoke profiles still run on the CPU (their results
+    are filed as CPU results) and the gpu profile on the GPU; --device overrides."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert profile_device("gpu") == torch.device("cuda")
+    assert profile_device("cpu") == profile_device("smoke") == torch.device("cpu")
+    assert profile_device("cpu", "cuda") == torch.device("cuda")
+    assert profile_device("gpu", "cpu") == torch.device("cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")

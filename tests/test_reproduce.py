@@ -25,6 +25,29 @@ def test_cuda_without_a_gpu_fails_at_once(capsys):
     assert "device 'cuda' was asked for" in capsys.readouterr().err
 
 
+def test_steps_run_on_the_profiles_device(tmp_path, monkeypatch):
+    """A cpu reproduce on a machine with a GPU measures the CPU, like ``pkm-ref bench --profile
+    cpu``: its results land in figures/, the CPU results."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("PKM_REF_FIGURES", str(tmp_path / "figures"))
+    devices = []
+    steps = reproduce._steps
+
+    def recording_steps(profile, device, corpus, runs_dir):
+        devices.append(device)
+        return steps(profile, device, corpus, runs_dir)
+
+    monkeypatch.setattr(reproduce, "_steps", recording_steps)
+    runs = str(tmp_path / "runs")
+    for profile in ("cpu", "gpu"):
+        assert main(["reproduce", "--profile", profile, "--runs", runs, "--list"]) == 0
+    assert (
+        main(["reproduce", "--profile", "cpu", "--device", "cuda", "--runs", runs, "--list"]) == 0
+    )
+    assert devices == ["cpu", "cuda", "cuda"]
+
+
 def test_unwritable_folder_fails_at_once(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
