@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pkm_ref import _checks
 from pkm_ref._files import atomic_write
 from pkm_ref.data import CorpusSplits, Tokenizer, iter_eval_batches, load_corpus, random_batch
 from pkm_ref.model import LanguageModel, ModelConfig
@@ -88,23 +89,39 @@ class TrainConfig:
                      lr=1e-3, min_lr=1e-4, value_lr=1e-2),
             profile=profile,
         )  # fmt: skip
-        # A run shorter than the profile's keeps a valid schedule: warm-up at most a tenth of it
-        # and an evaluation by its end (unless ``overrides`` set those too).
+        # A run shorter than the profile's keeps the shape of its schedule: warm-up at most a
+        # tenth of the run and an evaluation by its end (unless ``overrides`` set those too).
         steps = overrides.get("max_steps", sizes["max_steps"])
-        if sizes["warmup_steps"] >= steps or sizes["eval_interval"] > steps:
+        if steps < sizes["max_steps"]:
             sizes["warmup_steps"] = min(sizes["warmup_steps"], steps // 10)
             sizes["eval_interval"] = min(sizes["eval_interval"], steps)
+        # A peak rate given without a floor keeps the profile's floor-to-peak ratio (a tenth).
+        if "lr" in overrides and "min_lr" not in overrides:
+            peak, floor = sizes.get("lr", cls.lr), sizes.get("min_lr", cls.min_lr)
+            sizes["min_lr"] = overrides["lr"] * floor / peak
         return cls(**{**sizes, **overrides})
 
     def __post_init__(self) -> None:
         if self.precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {self.precision!r}")
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps (--steps) must be >= 1, got {self.max_steps}")
+        # Checked here, not after an hour of training: speed_repeats=0 failed only at the end.
+        self.max_steps = _checks.positive_int("max_steps (--steps)", self.max_steps)
+        for name in ("batch_size", "eval_interval", "speed_repeats"):
+            setattr(self, name, _checks.positive_int(name, getattr(self, name)))
+        for name in ("max_chars", "eval_tokens", "final_eval_tokens"):  # None: no cap
+            if getattr(self, name) is not None:
+                setattr(self, name, _checks.positive_int(name, getattr(self, name)))
         if not 0 <= self.warmup_steps < self.max_steps:
             raise ValueError(
                 f"warmup_steps must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}"
             )
+        if not 0 <= self.min_lr <= self.lr or self.lr <= 0:
+            raise ValueError(
+                f"learning rates must satisfy 0 <= min_lr <= lr and lr > 0, "
+                f"got lr={self.lr}, min_lr={self.min_lr}"
+            )
+        if self.value_lr <= 0:
+            raise ValueError(f"value_lr must be > 0, got {self.value_lr}")
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:

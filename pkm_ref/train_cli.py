@@ -17,7 +17,12 @@ from pathlib import Path
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.experiment import default_runs_dir, run_name
 from pkm_ref.model import MEMORY_KINDS, ModelConfig, middle_layer
-from pkm_ref.profiles import add_profile_argument, current_profile
+from pkm_ref.profiles import (
+    add_device_argument,
+    add_profile_argument,
+    current_profile,
+    profile_device,
+)
 from pkm_ref.query import QUERY_NORMS
 from pkm_ref.train import CHECKPOINT, TrainConfig, train
 
@@ -64,10 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group = parser.add_argument_group("training (default: the profile's)")
     run_group.add_argument("--steps", type=int, default=None)
     run_group.add_argument("--batch-size", type=int, default=None)
-    run_group.add_argument("--lr", type=float, default=None, help="peak dense learning rate")
+    run_group.add_argument(
+        "--lr", type=float, default=None,
+        help="peak dense learning rate (the cosine floor keeps the profile's ratio, a tenth)",
+    )  # fmt: skip
     run_group.add_argument("--value-lr", type=float, default=None, help="memory values' rate")
     run_group.add_argument("--seed", type=int, default=0)
-    run_group.add_argument("--device", default="auto", help='"auto", "cpu", "cuda", ...')
+    add_device_argument(run_group)
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=None, help="run directory")
     out.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -112,7 +120,7 @@ def build_configs(args: argparse.Namespace, profile: str) -> tuple[ModelConfig, 
     )  # fmt: skip
     train_config = TrainConfig.for_profile(
         profile, corpus=args.corpus, tokenizer=args.tokenizer, seed=args.seed,
-        device=args.device, **train_fields,
+        device=str(profile_device(profile, args.device)), **train_fields,
     )  # fmt: skip
     return model_config, train_config
 
@@ -120,6 +128,9 @@ def build_configs(args: argparse.Namespace, profile: str) -> tuple[ModelConfig, 
 def run(args: argparse.Namespace) -> int:
     profile = args.profile or current_profile()
     try:
+        if args.resume and args.force:
+            raise ValueError("--resume continues the run in --out and --force starts it over: "
+                             "pass one of them")  # fmt: skip
         model_config, train_config = build_configs(args, profile)
         splits = load_corpus(args.corpus, args.tokenizer, args.seed, train_config.max_chars)
         model_config = dataclasses.replace(model_config, vocab_size=splits.tokenizer.vocab_size)

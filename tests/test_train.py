@@ -179,10 +179,49 @@ def test_short_runs_shrink_warmup_and_eval_interval(steps: int) -> None:
     assert train_config.max_steps == steps and model_config.memory.compiled_read
     assert 0 <= train_config.warmup_steps < steps and train_config.eval_interval <= steps
     assert train_config.warmup_steps == min(TRAIN.warmup_steps, steps // 10)
-    assert TrainConfig.for_profile("smoke", max_steps=steps) == train_config  # the same rule
+    # The same rule; the command records the profile's device as resolved (smoke: the CPU).
+    assert TrainConfig.for_profile("smoke", max_steps=steps, device="cpu") == train_config
     assert TrainConfig.for_profile("smoke", max_steps=2, warmup_steps=1).warmup_steps == 1
     with pytest.raises(ValueError, match=r"max_steps \(--steps\) must be >= 1, got 0"):
         TrainConfig.for_profile("smoke", max_steps=0)
+
+
+def test_a_shorter_run_keeps_the_shape_of_the_schedule() -> None:
+    """Warm-up is at most a tenth of a run shorter than the profile's, with no jump in between
+    (74 steps had 7 steps of warm-up and 75 steps 60), and the profile's own run is unchanged."""
+    full = TrainConfig.for_profile("cpu")
+    assert (full.max_steps, full.warmup_steps) == (600, 60)
+    warmups = [TrainConfig.for_profile("cpu", max_steps=s).warmup_steps for s in range(1, 600)]
+    assert warmups == [min(60, s // 10) for s in range(1, 600)]
+    assert TrainConfig.for_profile("cpu", max_steps=1200).warmup_steps == 60
+
+
+def test_the_peak_learning_rate_is_the_peak() -> None:
+    """``--lr`` below the profile's floor once made the rate climb above the peak: the floor
+    now keeps its ratio to the peak, and a floor above the peak is refused."""
+    config = TrainConfig.for_profile("cpu", lr=1e-4)
+    assert config.min_lr == pytest.approx(1e-5)  # the cpu profile's 3e-3 -> 3e-4 is a tenth
+    assert max(learning_rate(s, config) for s in range(config.max_steps)) == pytest.approx(1e-4)
+    assert TrainConfig.for_profile("cpu", lr=1e-4, min_lr=0.0).min_lr == 0.0
+    with pytest.raises(ValueError, match=r"0 <= min_lr <= lr .* lr=0.0001, min_lr=0.0003"):
+        TrainConfig.for_profile("cpu", lr=1e-4, min_lr=3e-4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("batch_size", 0, "batch_size must be >= 1, got 0"),
+        ("eval_interval", 0, "eval_interval must be >= 1, got 0"),
+        ("speed_repeats", 0, "speed_repeats must be >= 1, got 0"),
+        ("eval_tokens", 0, "eval_tokens must be >= 1, got 0"),
+        ("final_eval_tokens", -5, "final_eval_tokens must be >= 1, got -5"),
+        ("max_chars", 0, "max_chars must be >= 1, got 0"),
+        ("value_lr", 0.0, "value_lr must be > 0, got 0.0"),
+    ],
+)
+def test_train_config_refuses_bad_values_before_training(field, value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.for_profile("smoke", **{field: value})
 
 
 def test_commands_explain_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -191,6 +230,10 @@ def test_commands_explain_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "memory layer index 7 is out of range" in capsys.readouterr().err
     assert cli.main(["train", "--profile", "smoke", "--out", out, "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    assert cli.main(["train", "--profile", "smoke", "--out", out, "--resume", "--force"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+    assert cli.main(["train", "--profile", "smoke", "--out", out, "--batch-size", "0"]) == 2
+    assert "batch_size must be >= 1, got 0" in capsys.readouterr().err
     both = ["--memory-layers", "mid", "--sparse", "--compiled-read", "--steps", "2"]
     assert cli.main(["train", "--profile", "smoke", "--out", out, *both]) == 2
     assert "cannot be combined with sparse=True" in capsys.readouterr().err
@@ -214,3 +257,10 @@ def test_compare_smoke_writes_results_and_skips_finished_models(
         assert (tmp_path / "figures" / name).exists()
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("finished model retrained"))
     assert cli.main(argv) == 0
+    # `pkm-ref train` with the same settings records the same run identity, so the two commands
+    # reuse each other's runs (the command once recorded the device as typed, "auto").
+    final = json.loads(next((tmp_path / "runs" / "smoke").glob("*/final.json")).read_text())
+    _, train_config = build_configs(
+        cli.build_parser().parse_args(["train", "--profile", "smoke"]), "smoke"
+    )
+    assert final["train_config"] == dataclasses.asdict(train_config)
