@@ -670,7 +670,7 @@ def run_bench(name: str, s: Settings) -> dict:
     notes = "\n".join(goal.line() + "  " for goal in goals)
     path = figures.save_results(f"bench_{name}", rows, s.profile, s.device, TITLES[name], notes,
                                 meta=meta)  # fmt: skip
-    figures.save_figure(plot(rows, meta), f"bench_{name}", s.profile)
+    figures.save_figure(plot(rows, meta), f"bench_{name}", s.profile, s.device)
     print(f"saved {path} (+ .md, .png)")
     return {"meta": meta, "rows": rows, "goals": goals}
 

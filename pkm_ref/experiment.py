@@ -233,7 +233,7 @@ def compare(
         (CURVES, plot_learning_curves(headline, profile)),
         (SWEEP, plot_memory_sweep(rows, profile)),
     ):
-        print(f"figure: {figures.save_figure(fig, name, profile)}")
+        print(f"figure: {figures.save_figure(fig, name, profile, hardware)}")
         plt.close(fig)
     return rows
 

@@ -62,13 +62,20 @@ def run_metadata(profile: str | None = None, device: torch.device | str | None =
     }
 
 
-def save_figure(fig: Any, name: str, profile: str | None = None, **metadata: Any) -> Path:
+def save_figure(
+    fig: Any,
+    name: str,
+    profile: str | None = None,
+    device: torch.device | str | None = None,
+    **metadata: Any,
+) -> Path:
     """Save a matplotlib figure as ``<output_dir>/<name>.png`` and return the path.
 
-    The PNG carries the run metadata (profile, device, date) in its text chunks.
+    The PNG carries the run metadata (profile, ``device`` that measured it, date) in its text
+    chunks.
     """
     path = output_dir(profile) / f"{name}.png"
-    info = {k: str(v) for k, v in {**run_metadata(profile), **metadata}.items()}
+    info = {k: str(v) for k, v in {**run_metadata(profile, device), **metadata}.items()}
     fig.savefig(path, dpi=120, bbox_inches="tight", metadata=info)
     return path
 

@@ -40,8 +40,9 @@ def show(fig: Any, name: str) -> None:
     """
     import matplotlib.pyplot as plt
 
-    path = figures.save_figure(fig, name)
-    if current_profile() != "smoke":
+    profile = current_profile()
+    path = figures.save_figure(fig, name, profile, profile_device(profile))
+    if profile != "smoke":
         print(f"saved {os.path.relpath(path)}")
     if _in_kernel():
         from IPython.display import Image, display

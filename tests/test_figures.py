@@ -1,0 +1,18 @@
+"""pkm_ref.figures: every saved figure records the run that made it."""
+
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pkm_ref import figures
+
+
+def test_a_figure_records_the_device_that_measured_it(tmp_path, monkeypatch):
+    """The PNG of a GPU run names the GPU, not the CPU of the process that drew it."""
+    monkeypatch.setenv("PKM_REF_FIGURES", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Example GPU")
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [0, 1])
+    path = figures.save_figure(fig, "example", "gpu", torch.device("cuda"))
+    text = Image.open(path).text
+    assert text["device"] == "Example GPU" and text["profile"] == "gpu"
