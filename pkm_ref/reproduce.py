@@ -7,8 +7,9 @@ in a fresh kernel), and finally writes ``figures/RESULTS.md`` (``pkm_ref.report`
 * ``cpu`` and ``gpu`` execute the notebooks in place, so the committed notebooks carry this run's
   outputs; ``smoke`` executes copies in a scratch folder and never touches committed notebooks or
   figures (``pkm_ref.figures`` sends smoke results to scratch as well).
-* A step whose inputs (the package's code, and a notebook's own cells) have not changed since it
-  last finished for this profile is skipped, unless ``--force``. The record lives in
+* A step whose inputs (the package's code, its arguments such as corpus and device, and a
+  notebook's own cells) have not changed since it last finished for this profile, and whose
+  results are still in place, is skipped, unless ``--force``. The record lives in
   ``<runs>/<profile>/reproduce_state.json``; the language-model comparison keeps checkpoints and
   finished models under ``<runs>/<profile>/``, so an interrupted run resumes where it stopped.
 """
@@ -37,6 +38,10 @@ from pkm_ref.profiles import (
     profile_device,
 )
 
+# What running the notebooks needs beyond the study extra: from the dev extra (a test keeps
+# these in it).
+NOTEBOOK_PACKAGES = ("nbformat", "nbclient", "ipykernel", "ipywidgets")
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 NOTEBOOKS_DIR = PACKAGE_DIR.parent / "notebooks"
 
@@ -49,6 +54,8 @@ class Step:
     run: Callable[[], None]
     seconds: float
     inputs: tuple[Path, ...] = ()  # files besides the package code whose change reruns it
+    arguments: tuple[str, ...] = ()  # its command line: another corpus or device reruns it
+    outputs: tuple[Path, ...] = ()  # what it writes: a step whose results are gone reruns
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pkm-ref reproduce: {error}", file=sys.stderr)
         return 2
 
-    steps = _steps(profile, device, args.corpus, runs_dir)
+    steps = _steps(profile, device, args.corpus, runs_dir, figures_dir)
     if args.list:
         for step in steps:
             print(f"{step.name:28s} ~{step.seconds / 60:.1f} min")
@@ -87,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"pkm-ref reproduce: unknown step(s) {unknown}; steps: {names}", file=sys.stderr)
             return 2
         steps = [s for s in steps if s.name in args.only]
+    if any(s.name.startswith("notebook-") for s in steps):
+        from pkm_ref.cli import require_packages
+
+        require_packages(NOTEBOOK_PACKAGES, "dev", "running the notebooks")
 
     state_path = runs_dir / "reproduce_state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -99,31 +110,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _steps(profile: str, device: str, corpus: str, runs_dir: Path) -> list[Step]:
+def _steps(profile: str, device: str, corpus: str, runs_dir: Path, figures_dir: Path) -> list[Step]:
     """The study, in order. Every step goes through the same CLI a user would type."""
     from pkm_ref.cli import main as cli
 
-    def command(*argv: str) -> Callable[[], None]:
+    def command(name: str, argv: tuple[str, ...], seconds: float, result: str) -> Step:
+        """A step that runs ``pkm-ref *argv`` and writes ``result`` into the figures folder."""
+
         def run_command() -> None:
             if cli(list(argv)) != 0:
                 raise RuntimeError(f"`pkm-ref {' '.join(argv)}` failed")
 
-        return run_command
+        return Step(name, run_command, seconds, arguments=argv, outputs=(figures_dir / result,))
 
     common = ("--profile", profile, "--device", device)
+    compare = ("compare", *common, "--corpus", corpus, "--runs", str(runs_dir.parent))
     steps = [
-        Step(
-            "lm-comparison",
-            command("compare", *common, "--corpus", corpus, "--runs", str(runs_dir.parent)),
-            by_profile(60, 900, 480, profile),
-        )
+        command("lm-comparison", compare, by_profile(60, 900, 480, profile), "lm_comparison.json")
     ]
     for kind in ("retrieval", "layer", "model"):
-        steps.append(
-            Step(
-                f"bench-{kind}", command("bench", kind, *common), by_profile(30, 240, 120, profile)
-            )
-        )
+        bench = ("bench", kind, *common)
+        seconds = by_profile(30, 240, 120, profile)
+        steps.append(command(f"bench-{kind}", bench, seconds, f"bench_{kind}.json"))
     for notebook in sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
         steps.append(
             Step(
@@ -131,6 +139,7 @@ def _steps(profile: str, device: str, corpus: str, runs_dir: Path) -> list[Step]
                 lambda nb=notebook: execute_notebook(nb, profile),
                 by_profile(45, 180, 90, profile),
                 inputs=(notebook,),
+                outputs=(_executed_path(notebook, profile),),
             )
         )
     return steps
@@ -146,7 +155,8 @@ def _run_steps(steps: list[Step], state: dict, state_path: Path, force: bool) ->
         for index, step in enumerate(steps, 1):
             version = _step_version(code, step)
             bar.set_postfix_str(f"step {index}/{len(steps)}: {step.name}")
-            if not force and state.get(step.name, {}).get("version") == version:
+            in_place = all(path.exists() for path in step.outputs)
+            if not force and in_place and state.get(step.name, {}).get("version") == version:
                 bar.write(f"[{index}/{len(steps)}] {step.name}: up to date, skipped")
             else:
                 bar.write(f"[{index}/{len(steps)}] {step.name} ...")
@@ -200,13 +210,17 @@ def execute_notebook(path: Path, profile: str) -> Path:
     # would otherwise commit a notebook whose plt.show() cells have no figure.
     with _environment(**{ENV_VAR: profile, "MPLBACKEND": _INLINE_BACKEND}):
         client.execute()
-    if profile == "smoke":
-        target = Path(tempfile.gettempdir()) / "pkm_ref_smoke_notebooks" / path.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-    else:
-        target = path
+    target = _executed_path(path, profile)
+    target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, lambda tmp: tmp.write_text(nbformat.writes(notebook) + "\n"))
     return target
+
+
+def _executed_path(path: Path, profile: str) -> Path:
+    """Where ``execute_notebook`` writes ``path``: in place, or a scratch copy at smoke."""
+    if profile == "smoke":
+        return Path(tempfile.gettempdir()) / "pkm_ref_smoke_notebooks" / path.name
+    return path
 
 
 def _code_version() -> str:
@@ -219,6 +233,7 @@ def _code_version() -> str:
 
 def _step_version(code: str, step: Step) -> str:
     digest = hashlib.sha256(code.encode())
+    digest.update("\0".join(step.arguments).encode())
     for path in step.inputs:
         digest.update(_notebook_sources(path).encode())
     return digest.hexdigest()[:16]

@@ -73,6 +73,22 @@ def test_the_command_names_the_study_extra(monkeypatch):
         cli.main(["demo", "--help"])
 
 
+def test_reproduce_checks_the_notebook_packages_before_any_step(tmp_path, monkeypatch):
+    """Notebook steps need the dev extra: a missing package is named before the hour of training
+    and benchmarks that runs first, not at the first notebook."""
+    from pkm_ref import cli, reproduce
+
+    dev = {_name(r) for r in _project()["optional-dependencies"]["dev"]}
+    assert set(reproduce.NOTEBOOK_PACKAGES) <= dev
+    missing = (*reproduce.NOTEBOOK_PACKAGES, "no_such_package_pkm")
+    monkeypatch.setattr(reproduce, "NOTEBOOK_PACKAGES", missing)
+    monkeypatch.setenv("PKM_REF_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setattr(reproduce, "_run_steps", lambda *a, **k: pytest.fail("a step ran"))
+    argv = ["reproduce", "--profile", "smoke", "--runs", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit, match=r"running the notebooks needs no_such_package_pkm, .*dev"):
+        cli.main(argv)
+
+
 def test_readme_example_runs():
     """The README's package example is real code: run it."""
     readme = (ROOT / "README.md").read_text()

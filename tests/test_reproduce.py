@@ -34,9 +34,9 @@ def test_steps_run_on_the_profiles_device(tmp_path, monkeypatch):
     devices = []
     steps = reproduce._steps
 
-    def recording_steps(profile, device, corpus, runs_dir):
+    def recording_steps(profile, device, *rest):
         devices.append(device)
-        return steps(profile, device, corpus, runs_dir)
+        return steps(profile, device, *rest)
 
     monkeypatch.setattr(reproduce, "_steps", recording_steps)
     runs = str(tmp_path / "runs")
@@ -85,6 +85,28 @@ def test_up_to_date_steps_are_skipped_and_force_reruns(tmp_path):
     assert json.loads(state_path.read_text())["a"]["version"] == state["a"]["version"]
     reproduce._run_steps(steps, state, state_path, force=True)
     assert calls == ["a", "a"]
+
+
+def test_a_step_reruns_when_its_arguments_change_or_its_results_are_gone(tmp_path):
+    """Another corpus or device is another result; a wiped figures folder is no result at all."""
+    calls = []
+    result = tmp_path / "figures" / "lm_comparison.json"
+
+    def step(corpus: str) -> reproduce.Step:
+        def run() -> None:
+            calls.append(corpus)
+            result.parent.mkdir(exist_ok=True)
+            result.write_text(corpus)
+
+        return reproduce.Step("lm", run, 1.0, arguments=("--corpus", corpus), outputs=(result,))
+
+    state, state_path = {}, tmp_path / "state.json"
+    for corpus in ("sotu", "sotu", "shakespeare-plays"):
+        reproduce._run_steps([step(corpus)], state, state_path, force=False)
+    assert calls == ["sotu", "shakespeare-plays"]
+    result.unlink()
+    reproduce._run_steps([step("shakespeare-plays")], state, state_path, force=False)
+    assert calls == ["sotu", "shakespeare-plays", "shakespeare-plays"] and result.exists()
 
 
 def test_a_failed_step_is_not_recorded(tmp_path):
