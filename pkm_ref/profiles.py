@@ -84,14 +84,19 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
-def profile_device(profile: str, name: str | None = None) -> torch.device:
-    """The device of a run at ``profile``: ``name`` when given, else the profile's own hardware,
-    a GPU for ``gpu`` (when there is one) and the CPU for ``smoke`` and ``cpu``.
+def profile_device_name(profile: str) -> str:
+    """The profile's own hardware, as a device name: ``"auto"`` (a GPU when there is one) for
+    ``gpu``, ``"cpu"`` for ``smoke`` and ``cpu``.
 
     Results are filed by profile (``figures/`` for cpu, ``figures/gpu/`` for gpu), so a cpu run on
     a machine with a GPU still measures the CPU unless told otherwise.
     """
-    return resolve_device(name if name is not None else ("auto" if profile == "gpu" else "cpu"))
+    return "auto" if profile == "gpu" else "cpu"
+
+
+def profile_device(profile: str, name: str | None = None) -> torch.device:
+    """The device of a run at ``profile``: ``name`` when given, else ``profile_device_name``."""
+    return resolve_device(name if name is not None else profile_device_name(profile))
 
 
 def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

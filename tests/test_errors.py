@@ -16,6 +16,7 @@ from pkm_ref import (
 from pkm_ref.cost import product_memory_cost
 from pkm_ref.model import MemoryConfig, ModelConfig
 from pkm_ref.profiles import default_device, profile_device, resolve_device
+from pkm_ref.train import TrainConfig
 
 
 @pytest.mark.parametrize(
@@ -146,6 +147,9 @@ def test_each_profile_has_its_own_default_device(monkeypatch):
     assert profile_device("cpu") == profile_device("smoke") == torch.device("cpu")
     assert profile_device("cpu", "cuda") == torch.device("cuda")
     assert profile_device("gpu", "cpu") == torch.device("cpu")
+    # A training config of a profile names the same device (notebooks build theirs that way).
+    assert TrainConfig.for_profile("cpu").device == TrainConfig.for_profile("smoke").device == "cpu"
+    assert profile_device("gpu", TrainConfig.for_profile("gpu").device) == torch.device("cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")

@@ -179,8 +179,7 @@ def test_short_runs_shrink_warmup_and_eval_interval(steps: int) -> None:
     assert train_config.max_steps == steps and model_config.memory.compiled_read
     assert 0 <= train_config.warmup_steps < steps and train_config.eval_interval <= steps
     assert train_config.warmup_steps == min(TRAIN.warmup_steps, steps // 10)
-    # The same rule; the command records the profile's device as resolved (smoke: the CPU).
-    assert TrainConfig.for_profile("smoke", max_steps=steps, device="cpu") == train_config
+    assert TrainConfig.for_profile("smoke", max_steps=steps) == train_config  # the same rule
     assert TrainConfig.for_profile("smoke", max_steps=2, warmup_steps=1).warmup_steps == 1
     with pytest.raises(ValueError, match=r"max_steps \(--steps\) must be >= 1, got 0"):
         TrainConfig.for_profile("smoke", max_steps=0)
