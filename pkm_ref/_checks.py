@@ -82,14 +82,23 @@ def floating(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+# The dtypes torch.autocast casts to its own before a matmul (it leaves float64 alone).
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def same_dtype_as_query(name: str, value: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Return ``value`` if it is floating with ``query``'s dtype. Under ``torch.autocast`` the two
-    may differ (a 16-bit query meets float32 keys): autocast casts both before the matmul."""
+    """Return ``value`` if it is floating with ``query``'s dtype. Under ``torch.autocast`` a
+    16-bit query may meet float32 keys on purpose: autocast casts both before the matmul."""
     floating(name, value)
-    if value.dtype != query.dtype and not torch.is_autocast_enabled(query.device.type):
+    mixed_by_autocast = (
+        torch.is_autocast_enabled(query.device.type)
+        and value.dtype in _AUTOCAST_DTYPES
+        and query.dtype in _AUTOCAST_DTYPES
+    )
+    if value.dtype != query.dtype and not mixed_by_autocast:
         raise TypeError(
-            f"{name} ({value.dtype}) must have the dtype of query ({query.dtype}) "
-            "outside torch.autocast"
+            f"{name} ({value.dtype}) must have the dtype of query ({query.dtype}); "
+            "only torch.autocast mixes float16, bfloat16 and float32"
         )
     return value
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from tqdm import tqdm
 
+from pkm_ref import _checks
 from pkm_ref._files import atomic_write
 
 if TYPE_CHECKING:
@@ -524,7 +525,7 @@ def iter_eval_batches(
     _check_length(tokens, block_size)
     n_windows = (len(tokens) - 1) // block_size
     if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
+        n_windows = min(n_windows, _checks.positive_int("max_windows", max_windows))
     xs = tokens[: n_windows * block_size].view(n_windows, block_size)
     ys = tokens[1 : n_windows * block_size + 1].view(n_windows, block_size)
     starts = range(0, n_windows, batch_size)

@@ -74,6 +74,8 @@ def resolve_device(name: str | None = None) -> torch.device:
             f"device {name!r} was asked for, but torch sees only "
             f"{torch.cuda.device_count()} CUDA device(s) here"
         )
+    if device.type == "meta":
+        raise ValueError(f"device {name!r} holds shapes, not numbers: nothing to train or time")
     if device.type not in ("cpu", "cuda"):  # e.g. xpu or mps: can this torch use it at all?
         try:
             torch.empty(0, device=device)
@@ -99,13 +101,16 @@ def profile_device(profile: str, name: str | None = None) -> torch.device:
     return resolve_device(name if name is not None else profile_device_name(profile))
 
 
-def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The ``--device`` option of the commands that run at a profile (see ``profile_device``)."""
+def add_device_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, scope: str = ""
+) -> None:
+    """The ``--device`` option of the commands that run at a profile (see ``profile_device``);
+    ``scope`` says what it applies to where that is not everything."""
     parser.add_argument(
         "--device",
         default=None,
-        help='"cpu", "cuda", "cuda:1", "auto" (CUDA when available); default: the profile\'s, '
-        "the GPU for gpu when there is one, else the CPU",
+        help=f'{scope}"cpu", "cuda", "cuda:1", "auto" (CUDA when available); default: the '
+        "profile's, the GPU for gpu when there is one, else the CPU",
     )
 
 

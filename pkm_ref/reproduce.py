@@ -60,7 +60,7 @@ class Step:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_profile_argument(parser)
-    add_device_argument(parser)
+    add_device_argument(parser, "for training and benchmarks (notebooks: the profile's device): ")
     parser.add_argument("--corpus", default="sotu", help="corpus of the language-model comparison")
     parser.add_argument("--runs", default="runs", help="folder for checkpoints and the step record")
     parser.add_argument("--force", action="store_true", help="redo steps that are up to date")
@@ -132,14 +132,18 @@ def _steps(profile: str, device: str, corpus: str, runs_dir: Path, figures_dir: 
         bench = ("bench", kind, *common)
         seconds = by_profile(30, 240, 120, profile)
         steps.append(command(f"bench-{kind}", bench, seconds, f"bench_{kind}.json"))
+    from pkm_ref.report import FIGURES
+
     for notebook in sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
+        number = notebook.stem[:3]  # "04_": the prefix of the figures it writes
+        pngs = tuple(figures_dir / f"{name}.png" for name in FIGURES if name.startswith(number))
         steps.append(
             Step(
                 f"notebook-{notebook.stem}",
                 lambda nb=notebook: execute_notebook(nb, profile),
                 by_profile(45, 180, 90, profile),
                 inputs=(notebook,),
-                outputs=(_executed_path(notebook, profile),),
+                outputs=(_executed_path(notebook, profile), *pngs),
             )
         )
     return steps

@@ -297,6 +297,8 @@ def test_eval_batches_cover_the_split() -> None:
     for batch_size in (4, 5):
         first = torch.cat([x for x, _ in iter_eval_batches(tokens, batch_size, 10, max_windows=6)])
         assert torch.equal(first.flatten(), tokens[:60])
+    with pytest.raises(ValueError, match="max_windows must be >= 1, got -2"):
+        iter_eval_batches(tokens, 4, 10, max_windows=-2)
 
 
 def test_too_short_split_raises_at_once() -> None:

@@ -123,6 +123,8 @@ def test_keys_must_share_the_query_dtype_outside_autocast():
         for search, keys in ((product_topk, subkeys), (flat_topk, torch.randn(4, 6))):
             scores, _ = search(query.to(torch.bfloat16), keys, 2)  # (5, 2)
             assert scores.shape == (5, 2)
+            with pytest.raises(TypeError, match=r"\(torch.float64\) must have the dtype"):
+                search(query.float(), keys.double(), 2)  # autocast leaves float64 alone
 
 
 def test_devices_are_resolved_in_one_place():
@@ -136,6 +138,8 @@ def test_devices_are_resolved_in_one_place():
 def test_a_device_this_torch_cannot_use_is_refused_at_once():
     with pytest.raises(ValueError, match="device 'xpu' was asked for, but this torch cannot use"):
         resolve_device("xpu")
+    with pytest.raises(ValueError, match="device 'meta' holds shapes, not numbers"):
+        resolve_device("meta")
 
 
 def test_each_profile_has_its_own_default_device(monkeypatch):

@@ -109,6 +109,17 @@ def test_a_step_reruns_when_its_arguments_change_or_its_results_are_gone(tmp_pat
     assert calls == ["sotu", "shakespeare-plays", "shakespeare-plays"] and result.exists()
 
 
+def test_a_notebook_step_owns_the_figures_it_writes(tmp_path):
+    """A notebook whose figures are missing from the figures folder (a new PKM_REF_FIGURES, a
+    deleted PNG) reruns, although the executed notebook itself is still in place."""
+    figures_dir = tmp_path / "figures"
+    steps = {s.name: s for s in reproduce._steps("cpu", "cpu", "sotu", tmp_path, figures_dir)}
+    outputs = steps["notebook-04_multihead_memory_gpu"].outputs
+    assert outputs[0] == reproduce.NOTEBOOKS_DIR / "04_multihead_memory_gpu.ipynb"
+    assert figures_dir / "04_layer_scaling.png" in outputs
+    assert all(p.name.startswith("04_") for p in outputs[1:]) and len(outputs) == 5
+
+
 def test_a_failed_step_is_not_recorded(tmp_path):
     def fail():
         raise RuntimeError("boom")
