@@ -90,12 +90,14 @@ def same_dtype_as_query(name: str, value: torch.Tensor, query: torch.Tensor) -> 
     """Return ``value`` if it is floating with ``query``'s dtype. Under ``torch.autocast`` a
     16-bit query may meet float32 keys on purpose: autocast casts both before the matmul."""
     floating(name, value)
+    if value.dtype == query.dtype:  # the usual case: nothing more to ask on every forward
+        return value
     mixed_by_autocast = (
-        torch.is_autocast_enabled(query.device.type)
-        and value.dtype in _AUTOCAST_DTYPES
+        value.dtype in _AUTOCAST_DTYPES
         and query.dtype in _AUTOCAST_DTYPES
+        and torch.is_autocast_enabled(query.device.type)
     )
-    if value.dtype != query.dtype and not mixed_by_autocast:
+    if not mixed_by_autocast:
         raise TypeError(
             f"{name} ({value.dtype}) must have the dtype of query ({query.dtype}); "
             "only torch.autocast mixes float16, bfloat16 and float32"
