@@ -86,21 +86,24 @@ def floating(name: str, value: torch.Tensor) -> torch.Tensor:
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def same_dtype_as_query(name: str, value: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Return ``value`` if it is floating with ``query``'s dtype. Under ``torch.autocast`` a
-    16-bit query may meet float32 keys on purpose: autocast casts both before the matmul."""
+def same_dtype(
+    name: str, value: torch.Tensor, other_name: str, other: torch.Tensor
+) -> torch.Tensor:
+    """Return ``value`` if it is floating with ``other``'s dtype (keys and their query, an input
+    and a layer's weights), else raise naming both. Under ``torch.autocast`` a 16-bit tensor may
+    meet float32 on purpose: autocast casts both before the matmul."""
     floating(name, value)
-    if value.dtype == query.dtype:  # the usual case: nothing more to ask on every forward
+    if value.dtype == other.dtype:  # the usual case: nothing more to ask on every forward
         return value
     mixed_by_autocast = (
         value.dtype in _AUTOCAST_DTYPES
-        and query.dtype in _AUTOCAST_DTYPES
-        and torch.is_autocast_enabled(query.device.type)
+        and other.dtype in _AUTOCAST_DTYPES
+        and torch.is_autocast_enabled(other.device.type)
     )
     if not mixed_by_autocast:
         raise TypeError(
-            f"{name} ({value.dtype}) must have the dtype of query ({query.dtype}); "
-            "only torch.autocast mixes float16, bfloat16 and float32"
+            f"{name} ({value.dtype}) must have the dtype of {other_name} ({other.dtype}); "
+            "only torch.autocast mixes float16, bfloat16 and float32: cast one to the other"
         )
     return value
 

@@ -136,7 +136,8 @@ class _KeyValueMemory(nn.Module):
             ``last_indices`` and ``last_weights`` hold the (N_real, H, knn) slots read and their
             softmax weights for the real positions of this call.
         """
-        _checks.floating("x", _checks.tensor("x", x))
+        layer = f"the {type(self).__name__}'s parameters"  # x must match them, or use autocast
+        _checks.same_dtype("x", _checks.tensor("x", x), layer, self.query.proj.weight)
         if x.dim() < 1 or x.shape[-1] != self.input_dim:
             raise ValueError(
                 f"x must have shape (..., input_dim={self.input_dim}), got {tuple(x.shape)}"

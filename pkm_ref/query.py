@@ -9,6 +9,8 @@ query batchnorm). Two sharp edges of public implementations are avoided here:
   every leading dimension first, so statistics are taken per feature over all (N, C) positions.
 * Padded positions would pollute the batch statistics and the running averages.
   ``MaskedBatchNorm1d`` takes a mask and computes both over the real positions only.
+* One batch with a NaN or an infinity would poison the running averages for good: every later
+  input in eval mode would come out NaN. ``MaskedBatchNorm1d`` keeps its previous averages then.
 
 A third is a property, not a bug: at train time batchnorm mixes statistics across all positions of
 the batch, so in a causal language model a token's query depends slightly on later tokens.
@@ -18,6 +20,7 @@ LayerNorm normalises each query on its own and has no such leak.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pkm_ref import _checks
@@ -30,8 +33,10 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 
     ``forward(x, mask)``: ``x`` (N, C); ``mask`` (N,) bool, True for real rows, or None (all real).
     In training the batch mean and biased variance over the real rows normalise *every* row, and
-    the running averages are updated from the real rows only (unbiased variance, as BatchNorm1d).
-    In eval mode the running averages are used and the mask changes nothing.
+    the running averages are updated from the real rows only (unbiased variance, as BatchNorm1d)
+    unless the update is not finite (a NaN or an infinity in the batch): then the previous
+    averages stay, decided on the device without a GPU sync. In eval mode the running averages
+    are used and the mask changes nothing.
     """
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,8 +47,35 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
                 f"mask must be a bool tensor of shape ({x.shape[0]},), one entry per row of x, "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
-        if not self.training or mask is None or bool(mask.all()):
+        if not self.training:
             return super().forward(x)
+        # The batch updates copies of the running averages (autograd may keep the tensors given
+        # to batch_norm, so the buffers themselves are written only once, below).
+        running = None
+        momentum = 0.0
+        if self.track_running_stats:
+            running = (self.running_mean.clone(), self.running_var.clone())  # (C,) each
+            momentum = self.momentum
+            if momentum is None:  # cumulative moving average, as BatchNorm1d
+                momentum = 1.0 / float(self.num_batches_tracked + 1)
+        if mask is None or bool(mask.all()):
+            mean, var = running if running is not None else (None, None)
+            normed = F.batch_norm(x, mean, var, self.weight, self.bias, True, momentum, self.eps)
+        else:
+            normed = self._masked_batch_norm(x, mask, running, momentum)  # (N, C)
+        if running is not None:
+            self._keep_finite(*running)
+        return normed  # (N, C)
+
+    def _masked_batch_norm(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        running: tuple[torch.Tensor, torch.Tensor] | None,
+        momentum: float,
+    ) -> torch.Tensor:
+        """Normalise ``x`` (N, C) by the statistics of its real rows, moving ``running`` (mean,
+        variance) towards them in place."""
         # Statistics in at least float32 (under autocast x is 16-bit); the buffers keep their dtype.
         stats_dtype = torch.promote_types(x.dtype, torch.float32)
         real = x[mask].to(stats_dtype)  # (N_real, C)
@@ -54,19 +86,25 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             )
         mean = real.mean(dim=0)  # (C,)
         var = real.var(dim=0, unbiased=False)  # (C,)
-        if self.track_running_stats:
+        if running is not None:
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                momentum = self.momentum
-                if momentum is None:  # cumulative moving average, as BatchNorm1d
-                    momentum = 1.0 / float(self.num_batches_tracked)
-                unbiased = var * (n_real / (n_real - 1))
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+                unbiased = var * (n_real / (n_real - 1))  # (C,)
+                running[0].lerp_(mean.to(running[0].dtype), momentum)
+                running[1].lerp_(unbiased.to(running[1].dtype), momentum)
         normed = (x.to(stats_dtype) - mean) * torch.rsqrt(var + self.eps)  # (N, C)
         if self.affine:
             normed = normed * self.weight + self.bias
         return normed.to(x.dtype)  # (N, C)
+
+    @torch.no_grad()
+    def _keep_finite(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Take the updated averages ``mean``, ``var`` (C,) if both are finite, else keep the
+        old ones; count the batch only if taken. A NaN batch makes both NaN, an infinite one
+        at least the variance."""
+        finite = mean.isfinite().all() & var.isfinite().all()  # (), stays on the device
+        self.running_mean.copy_(torch.where(finite, mean, self.running_mean))  # (C,)
+        self.running_var.copy_(torch.where(finite, var, self.running_var))  # (C,)
+        self.num_batches_tracked.add_(finite.long())
 
 
 class QueryNetwork(nn.Module):
@@ -94,6 +132,7 @@ class QueryNetwork(nn.Module):
             self.norm = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        _checks.same_dtype("x", x, "the QueryNetwork's parameters", self.proj.weight)
         query = self.proj(x)  # (N, H * k_dim)
         if self.norm_kind == "batchnorm":
             query = self.norm(query, mask)  # (N, H * k_dim)

@@ -71,7 +71,7 @@ def flat_topk(
         indices: (..., knn) or (..., H, knn), int64 in [0, N).
     """
     _checks.floating("query", _checks.tensor("query", query))
-    _checks.same_dtype_as_query("keys", _checks.tensor("keys", keys), query)
+    _checks.same_dtype("keys", _checks.tensor("keys", keys), "query", query)
     if keys.dim() not in (2, 3):
         raise ValueError(f"keys must have shape (N, d) or (H, N, d), got {tuple(keys.shape)}")
     single_head = keys.dim() == 2
@@ -155,7 +155,7 @@ def product_topk(
         indices: (..., knn) or (..., H, knn), int64 slot indices in [0, n^2).
     """
     _checks.floating("query", _checks.tensor("query", query))
-    _checks.same_dtype_as_query("subkeys", _checks.tensor("subkeys", subkeys), query)
+    _checks.same_dtype("subkeys", _checks.tensor("subkeys", subkeys), "query", query)
     _checks.one_of("method", method, PRODUCT_METHODS)
     if subkeys.dim() not in (3, 4) or subkeys.shape[-3] != 2:
         raise ValueError(

@@ -1,5 +1,7 @@
-"""Batchnorm queries: statistics over (N, C), padding masked out, and the causal leak."""
+"""Batchnorm queries: statistics over (N, C), padding masked out, the causal leak, and running
+averages that a NaN batch cannot poison."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -119,3 +121,57 @@ def test_masked_batchnorm_in_float64():
     assert out.dtype == torch.float64 and layer.running_var.dtype == torch.float64
     torch.testing.assert_close(out[:9], reference(x[mask]))
     torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "mask"])
+def test_a_non_finite_batch_never_reaches_the_running_averages(device, bad, masked):
+    """One batch with a NaN (or an infinity) in training used to make the running averages NaN
+    for good, and every later clean input in eval mode came out NaN, silently. The averages of
+    before that batch stay; clean batches after it update them again."""
+    torch.manual_seed(7)
+    memory = ProductKeyMemory(8, 8, n_keys=4, k_dim=4, heads=2, knn=2).to(device)
+    norm = memory.query.norm
+    mask = torch.ones(2, 6, dtype=torch.bool, device=device)  # (B, T)
+    mask[:, -1] = False  # the padded path of MaskedBatchNorm1d, or the fused one without a mask
+    options = {"mask": mask} if masked else {}
+    memory(torch.randn(2, 6, 8, device=device), **options)  # one clean batch: (B, T, 8)
+
+    def state() -> list[torch.Tensor]:
+        return [norm.running_mean, norm.running_var, norm.num_batches_tracked]
+
+    before = [b.clone() for b in state()]
+
+    poisoned = torch.randn(2, 6, 8, device=device)  # (B, T, 8)
+    poisoned[0, 0, 3] = bad  # one value of a real position
+    assert not memory(poisoned, **options).isfinite().all()  # this batch's output is lost
+    assert all(map(torch.equal, state(), before))
+
+    assert memory(torch.randn(2, 6, 8, device=device), **options).isfinite().all()  # training
+    assert norm.num_batches_tracked.item() == 2 and not torch.equal(norm.running_mean, before[0])
+    memory.eval()
+    assert memory(torch.randn(2, 6, 8, device=device)).isfinite().all()  # eval: running averages
+
+
+def test_a_non_finite_value_in_a_padded_row_is_ignored():
+    """The mask keeps padding out of the statistics: a NaN there changes nothing."""
+    norm = MaskedBatchNorm1d(4)
+    x = torch.randn(8, 4)  # (N, C)
+    x[-1] = float("nan")
+    out = norm(x, torch.arange(8) < 7)  # (N, C)
+    assert out[:7].isfinite().all() and norm.num_batches_tracked.item() == 1
+    assert norm.running_mean.isfinite().all() and not torch.equal(norm.running_mean, torch.zeros(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU synchronisation needs CUDA")
+def test_the_finite_check_does_not_synchronise_the_gpu():
+    """The decision stays on the device: no host sync on the training hot path (without a
+    mask; a mask costs one sync of its own, to find whether anything is padded)."""
+    norm = MaskedBatchNorm1d(64).cuda()
+    x = torch.randn(256, 64, device="cuda")  # (N, C)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norm(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
