@@ -708,18 +708,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     profile = args.profile or current_profile()
-    try:
-        device = profile_device(profile, args.device)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-    settings = default_settings(profile, device)
+    settings = default_settings(profile, profile_device(profile, args.device))
     if args.sizes:
         if any(e % 2 or not 6 <= e <= 30 for e in args.sizes):
-            raise SystemExit(f"--sizes must be even exponents in [6, 30], got {args.sizes}")
+            raise ValueError(f"--sizes must be even exponents in [6, 30], got {args.sizes}")
         settings = replace(settings, sizes=tuple(sorted(set(args.sizes))))
     if args.repeat is not None:
         if args.repeat < 1:
-            raise SystemExit(f"--repeat must be >= 1, got {args.repeat}")
+            raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
         settings = replace(settings, repeat=args.repeat)
     return settings
 
@@ -727,9 +723,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
+    figures.output_dir(settings.profile)  # fails now if the results cannot be saved, not after
     for name in BENCHES if args.bench == "all" else (args.bench,):
         run_bench(name, settings)
     return 0

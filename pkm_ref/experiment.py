@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pkm_ref import figures
+from pkm_ref._files import check_writable
+from pkm_ref.cli import Interrupted
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.model import ModelConfig, middle_layer
 from pkm_ref.profiles import (
@@ -193,6 +194,8 @@ def compare(
     train_config = TrainConfig.for_profile(profile, corpus=corpus, seed=seed, device=str(hardware))
     splits = load_corpus(corpus, train_config.tokenizer, seed, train_config.max_chars)
     runs_dir = (default_runs_dir() if runs_dir is None else Path(runs_dir)) / profile
+    check_writable(runs_dir, "choose another --runs")  # both checked before any training
+    figures.output_dir(profile)
     models = variants(profile, splits.tokenizer.vocab_size)
     results = {}
     for variant in models:
@@ -257,7 +260,9 @@ def run(args: argparse.Namespace) -> int:
     profile = args.profile or current_profile()
     try:
         compare(profile, args.corpus, args.runs, args.force, args.seed, args.device, not args.quiet)
-    except (ValueError, RuntimeError) as error:  # e.g. a corpus that cannot be loaded offline
-        print(f"pkm-ref compare: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "run the same command to continue: finished models are reused and the one in "
+            "training resumes from its last checkpoint"
+        ) from None
     return 0

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pkm_ref._files import check_writable
 from pkm_ref.profiles import current_profile
 
 _REPO_FIGURES = Path(__file__).resolve().parent.parent / "figures"
@@ -39,6 +40,7 @@ def output_dir(profile: str | None = None) -> Path:
         in_checkout = _REPO_FIGURES.parent.joinpath("pyproject.toml").exists()
         root = _REPO_FIGURES if in_checkout else Path.cwd() / "figures"
         folder = root if profile == "cpu" else root / profile
+    check_writable(folder, "set PKM_REF_FIGURES to a folder you can write")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -33,7 +33,10 @@ def current_profile() -> str:
     """The profile named by ``PKM_REF_PROFILE``, or ``default_profile()`` when unset."""
     name = os.environ.get(ENV_VAR, "").strip().lower() or default_profile()
     if name not in PROFILES:
-        raise ValueError(f"{ENV_VAR} must be one of {list(PROFILES)}, got {name!r}")
+        raise ValueError(
+            f"{ENV_VAR} must be one of {list(PROFILES)}, got {name!r}: set it to one of them, "
+            "or unset it for the hardware's (gpu with CUDA, else cpu)"
+        )
     return name
 
 

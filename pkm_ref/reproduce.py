@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pkm_ref._files import atomic_write
+from pkm_ref._files import atomic_write, check_writable
+from pkm_ref.cli import CommandError, Interrupted, dispatch, require_packages
 from pkm_ref.profiles import (
     ENV_VAR,
     add_device_argument,
@@ -73,14 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     profile = args.profile or current_profile()
-    try:
-        device = str(profile_device(profile, args.device))
-        _check_corpus(args.corpus)
-        runs_dir = _writable(Path(args.runs) / profile)
-        figures_dir = _writable(_figures_dir(profile))
-    except (ValueError, OSError) as error:
-        print(f"pkm-ref reproduce: {error}", file=sys.stderr)
-        return 2
+    device = str(profile_device(profile, args.device))
+    _check_corpus(args.corpus)
+    runs_dir = check_writable(Path(args.runs) / profile, "choose another --runs")
+    figures_dir = _figures_dir(profile)
 
     steps = _steps(profile, device, args.corpus, runs_dir, figures_dir)
     if args.list:
@@ -91,18 +87,21 @@ def run(args: argparse.Namespace) -> int:
         unknown = sorted(set(args.only) - {s.name for s in steps})
         if unknown:
             names = ", ".join(s.name for s in steps)
-            print(f"pkm-ref reproduce: unknown step(s) {unknown}; steps: {names}", file=sys.stderr)
-            return 2
+            raise ValueError(f"unknown step(s) {unknown}; steps: {names}")
         steps = [s for s in steps if s.name in args.only]
     if any(s.name.startswith("notebook-") for s in steps):
-        from pkm_ref.cli import require_packages
-
         require_packages(NOTEBOOK_PACKAGES, "dev", "running the notebooks")
 
     state_path = runs_dir / "reproduce_state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     print(f"reproduce: profile {profile}, device {device}, results in {figures_dir}")
-    _run_steps(steps, state, state_path, force=args.force)
+    try:
+        _run_steps(steps, state, state_path, force=args.force)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "run the same command to continue: finished steps are skipped and an interrupted "
+            "training resumes from its last checkpoint"
+        ) from None
     _record_timings(steps, state, profile, device)
     from pkm_ref.report import write_results
 
@@ -112,14 +111,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _steps(profile: str, device: str, corpus: str, runs_dir: Path, figures_dir: Path) -> list[Step]:
     """The study, in order. Every step goes through the same CLI a user would type."""
-    from pkm_ref.cli import main as cli
 
     def command(name: str, argv: tuple[str, ...], seconds: float, result: str) -> Step:
-        """A step that runs ``pkm-ref *argv`` and writes ``result`` into the figures folder."""
+        """A step that runs ``pkm-ref *argv`` and writes ``result`` into the figures folder; its
+        errors and Ctrl-C reach reproduce's own command line."""
 
         def run_command() -> None:
-            if cli(list(argv)) != 0:
-                raise RuntimeError(f"`pkm-ref {' '.join(argv)}` failed")
+            if dispatch(list(argv)) != 0:
+                raise CommandError(f"`pkm-ref {' '.join(argv)}` failed")
 
         return Step(name, run_command, seconds, arguments=argv, outputs=(figures_dir / result,))
 
@@ -263,17 +262,6 @@ def _figures_dir(profile: str) -> Path:
     from pkm_ref.figures import output_dir
 
     return output_dir(profile)
-
-
-def _writable(folder: Path) -> Path:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise OSError(f"cannot write to {folder} ({error.strerror}); choose another folder "
-                      "(--runs, or PKM_REF_FIGURES for the figures)") from None  # fmt: skip
-    return folder
 
 
 @contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
@@ -61,13 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        model, tokenizer = load_model(args.run, resolve_device(args.device))
-        text = sample_text(
-            model, tokenizer, args.prompt, args.tokens, args.temperature, args.top_k, args.seed
-        )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"pkm-ref sample: error: {error}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_model(args.run, resolve_device(args.device))
+    text = sample_text(
+        model, tokenizer, args.prompt, args.tokens, args.temperature, args.top_k, args.seed
+    )
     print(text)
     return 0

@@ -9,6 +9,8 @@ Taught in ``notebooks/05_train_pkm_lm.ipynb``.
   each memory's slots are read over the validation split (``pkm_ref.UsageAccumulator``).
 * Runs: a run directory holds ``checkpoint.pt`` (everything needed to resume exactly, written
   atomically), ``log.jsonl`` (one line per evaluation) and, once finished, ``final.json``.
+  A run that is refused or stopped before its first checkpoint removes the folder it created.
+* A non-finite loss stops training (``NonFiniteLossError``) before it reaches a checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pkm_ref import _checks
-from pkm_ref._files import atomic_write
+from pkm_ref._files import atomic_write, outermost_missing, remove_created
 from pkm_ref.data import CorpusSplits, Tokenizer, iter_eval_batches, load_corpus, random_batch
 from pkm_ref.model import LanguageModel, ModelConfig
 from pkm_ref.optim import SplitOptimizer
@@ -36,6 +38,15 @@ from pkm_ref.usage import UsageAccumulator
 
 CHECKPOINT, LOG, FINAL = "checkpoint.pt", "log.jsonl", "final.json"
 _CHECKPOINT_FORMAT = 1
+# What every checkpoint of this format holds (``Trainer.save_checkpoint``), and its type.
+_CHECKPOINT_FIELDS = {
+    "model_config": dict, "train_config": dict, "tokenizer": dict, "model": dict,
+    "optimizer": dict, "step": int, "train_seconds": float, "history": list, "rng": dict,
+}  # fmt: skip
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: training stopped, the last checkpoint was kept."""
 
 
 @dataclass
@@ -301,6 +312,7 @@ class Trainer:
                 f"{splits.tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{model_config.vocab_size}"
             )
+        splits.check_block_size(model_config.block_size)
         self.splits = splits
         torch.manual_seed(train_config.seed)
         self.model = LanguageModel(model_config).to(self.device)
@@ -313,6 +325,8 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # time spent in training steps only, over every resume
         self.history: list[dict] = []  # one record per evaluation, as in log.jsonl
+        self.last_checkpoint: tuple[Path, int] | None = None  # (path, step) last saved or loaded
+        self._finite_step = 0  # the last step whose loss was read and found finite
 
     # ------------------------------------------------------------------ training
 
@@ -344,7 +358,13 @@ class Trainer:
         Evaluates on the validation split at step 0 and every ``eval_interval`` steps, appending
         to ``history`` (and, with a run directory, ``log.jsonl`` and ``checkpoint.pt``). Returns the
         final metrics, also written to ``final.json`` when the trainer has a run directory.
+
+        Raises ``NonFiniteLossError`` when a loss is NaN or infinite, before it is logged or
+        checkpointed, so the last checkpoint stays a good one. The training loss is checked where
+        it is read on the CPU anyway (every 10 steps and at each evaluation), so the check adds no
+        GPU synchronisation; the message names the step and the last step found finite.
         """
+        self._finite_step = self.step
         if self.step == 0:
             self.history = []
             self._write_log()
@@ -364,9 +384,10 @@ class Trainer:
                 _synchronize(self.device)
                 self.train_seconds += time.perf_counter() - clock
                 speed = self.tokens_seen / self.train_seconds
-                bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{speed:,.0f}")
+                train_loss = self._finite("training", float(loss))
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{speed:,.0f}")
                 if evaluate_now:
-                    self._log_evaluation(train_loss=float(loss))
+                    self._log_evaluation(train_loss=train_loss)
                     if self.out_dir is not None:
                         self.save_checkpoint()
                 clock = time.perf_counter()
@@ -381,13 +402,29 @@ class Trainer:
             self.config.precision,
         )  # fmt: skip
 
+    def _finite(self, what: str, loss: float) -> float:
+        """``loss`` if it is finite, else stop with a message naming the step and what is kept."""
+        if math.isfinite(loss):
+            self._finite_step = self.step
+            return loss
+        if self.last_checkpoint is None:
+            kept = "no checkpoint was written"
+        else:
+            path, step = self.last_checkpoint
+            kept = f"the last good checkpoint, step {step}, is kept in {path}"
+        raise NonFiniteLossError(
+            f"the {what} loss is {loss} at step {self.step} (finite when last read, at step "
+            f"{self._finite_step}); training stopped and {kept}. Start over (--force) with a "
+            "lower learning rate (--lr), or look for bad input"
+        )
+
     def _log_evaluation(self, train_loss: float | None) -> None:
         result = self._evaluate(self.splits.validation, self.config.eval_tokens)
         record = {
             "step": self.step,
             "tokens": self.tokens_seen,
             "train_loss": train_loss,
-            "val_loss": result["loss"],
+            "val_loss": self._finite("validation", result["loss"]),
             "val_bpb": result["bpb"],
             "val_memory": result["memory"],
             "train_seconds": self.train_seconds,
@@ -462,6 +499,7 @@ class Trainer:
             "rng": rng,
         }
         atomic_write(path, lambda tmp: torch.save(state, tmp))
+        self.last_checkpoint = (path, self.step)
         return path
 
     def load_checkpoint(self, path: str | os.PathLike[str] | None = None) -> None:
@@ -480,6 +518,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.train_seconds = state["step"], state["train_seconds"]
         self.history = list(state["history"])
+        self.last_checkpoint = (path, self.step)
         torch.set_rng_state(state["rng"]["torch"])
         self.data_generator.set_state(state["rng"]["data"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -502,16 +541,54 @@ def run_configs(model_config: ModelConfig, train_config: TrainConfig) -> dict:
 
 
 def load_checkpoint_state(path: str | os.PathLike[str]) -> dict:
-    """The saved state of ``path`` (a checkpoint file or a run directory), on the CPU."""
+    """The saved state of ``path`` (a checkpoint file or a run directory), on the CPU.
+
+    Validated before use: a missing, empty, truncated or foreign file (another torch file, a
+    JSON) raises ``FileNotFoundError`` or ``ValueError`` naming the file and what to pass instead,
+    never torch's unpickling errors.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
+    remedy = "pass a run folder or the checkpoint.pt that `pkm-ref train` wrote"
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a pkm_ref checkpoint of format {_CHECKPOINT_FORMAT}")
+        raise FileNotFoundError(f"no checkpoint at {path}; {remedy}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty, not a checkpoint; {remedy}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip, pickle, EOF, key errors...: each means "cannot be read"
+        raise ValueError(
+            f"{path} cannot be read as a checkpoint: it is truncated or another kind of file "
+            f"(torch.load: {type(error).__name__}); {remedy}"
+        ) from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise ValueError(f"{path} is a torch file but not a pkm_ref checkpoint; {remedy}")
+    if state["format"] != _CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is a pkm_ref checkpoint of format {state['format']!r}, but this version "
+            f"reads format {_CHECKPOINT_FORMAT}; use the version that wrote it, or train again"
+        )
+    wrong = [k for k, kind in _CHECKPOINT_FIELDS.items() if not isinstance(state.get(k), kind)]
+    if wrong:
+        raise ValueError(
+            f"{path} is an incomplete pkm_ref checkpoint (missing or damaged: {', '.join(wrong)});"
+            f" {remedy}"
+        )
     return state
+
+
+def resumable_step(
+    out_dir: str | os.PathLike[str], model_config: ModelConfig, train_config: TrainConfig
+) -> int | None:
+    """The step of the checkpoint in ``out_dir`` if it is a run of these configurations (which
+    ``train(..., resume=True)`` continues), else None."""
+    checkpoint = Path(out_dir) / CHECKPOINT
+    if not checkpoint.exists():
+        return None
+    state = load_checkpoint_state(checkpoint)
+    configs = run_configs(model_config, train_config)
+    return state["step"] if all(state[k] == v for k, v in configs.items()) else None
 
 
 def train(
@@ -522,14 +599,24 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Train a model into ``out_dir`` (resuming its checkpoint if ``resume``); final metrics."""
+    """Train a model into ``out_dir`` (resuming its checkpoint if ``resume``); final metrics.
+
+    If the run fails or is interrupted before its first checkpoint, the folders it created are
+    removed; a folder that existed before, or one holding a checkpoint to resume, stays.
+    """
     out_dir = Path(out_dir)
-    trainer = Trainer(model_config, train_config, out_dir, splits)
-    if resume:
-        trainer.load_checkpoint()
-    else:
-        (out_dir / FINAL).unlink(missing_ok=True)
-    return trainer.fit(progress)
+    created = outermost_missing(out_dir)
+    try:
+        trainer = Trainer(model_config, train_config, out_dir, splits)
+        if resume:
+            trainer.load_checkpoint()
+        else:
+            (out_dir / FINAL).unlink(missing_ok=True)
+        return trainer.fit(progress)
+    except BaseException:  # Ctrl-C too
+        if not (out_dir / CHECKPOINT).exists():
+            remove_created(out_dir, created)
+        raise
 
 
 def train_or_reuse(
@@ -547,9 +634,5 @@ def train_or_reuse(
     final = read_final(out_dir)
     if not force and final is not None and all(final[k] == v for k, v in configs.items()):
         return final["metrics"]
-    checkpoint = out_dir / CHECKPOINT
-    resume = not force and checkpoint.exists()
-    if resume:
-        state = load_checkpoint_state(checkpoint)
-        resume = all(state[k] == v for k, v in configs.items())
+    resume = not force and resumable_step(out_dir, model_config, train_config) is not None
     return train(model_config, train_config, out_dir, splits, resume, progress)

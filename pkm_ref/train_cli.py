@@ -3,7 +3,8 @@
 Taught in ``notebooks/05_train_pkm_lm.ipynb``. Sizes default to the runtime profile's
 (``ModelConfig.for_profile``, ``TrainConfig.for_profile``); every flag overrides one of them.
 The run goes to ``--out`` (default ``runs/<profile>/<model>``): ``checkpoint.pt``, ``log.jsonl``
-and ``final.json``. ``--resume`` continues an interrupted run exactly.
+and ``final.json``. ``--resume`` continues an interrupted run exactly; Ctrl-C prints the command
+that does it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
+import shlex
 from pathlib import Path
 
+from pkm_ref._files import check_writable
+from pkm_ref.cli import Interrupted
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.experiment import default_runs_dir, run_name
 from pkm_ref.model import MEMORY_KINDS, ModelConfig, middle_layer
@@ -24,7 +27,7 @@ from pkm_ref.profiles import (
     profile_device,
 )
 from pkm_ref.query import QUERY_NORMS
-from pkm_ref.train import CHECKPOINT, TrainConfig, train
+from pkm_ref.train import CHECKPOINT, TrainConfig, resumable_step, train
 
 
 def _layer_list(text: str) -> list[int | str]:
@@ -127,24 +130,52 @@ def build_configs(args: argparse.Namespace, profile: str) -> tuple[ModelConfig, 
 
 def run(args: argparse.Namespace) -> int:
     profile = args.profile or current_profile()
+    if args.resume and args.force:
+        raise ValueError("--resume continues the run in --out and --force starts it over: "
+                         "pass one of them")  # fmt: skip
+    model_config, train_config = build_configs(args, profile)
+    splits = load_corpus(args.corpus, args.tokenizer, args.seed, train_config.max_chars)
+    model_config = dataclasses.replace(model_config, vocab_size=splits.tokenizer.vocab_size)
+    out = args.out or default_runs_dir() / profile / run_name(model_config)
+    check_writable(out, "choose another --out")
+    if (out / CHECKPOINT).exists() and not (args.resume or args.force):
+        raise ValueError(
+            f"{out} already holds a run: pass --resume to continue it or --force to start over"
+        )
+    if args.resume and not (out / CHECKPOINT).exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / CHECKPOINT}")
+    print(f"profile {profile}: training {run_name(model_config)} into {out}")
     try:
-        if args.resume and args.force:
-            raise ValueError("--resume continues the run in --out and --force starts it over: "
-                             "pass one of them")  # fmt: skip
-        model_config, train_config = build_configs(args, profile)
-        splits = load_corpus(args.corpus, args.tokenizer, args.seed, train_config.max_chars)
-        model_config = dataclasses.replace(model_config, vocab_size=splits.tokenizer.vocab_size)
-        out = args.out or default_runs_dir() / profile / run_name(model_config)
-        if (out / CHECKPOINT).exists() and not (args.resume or args.force):
-            raise ValueError(
-                f"{out} already holds a run: pass --resume to continue it or --force to start over"
-            )
-        if args.resume and not (out / CHECKPOINT).exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {out / CHECKPOINT}")
-        print(f"profile {profile}: training {run_name(model_config)} into {out}")
         metrics = train(model_config, train_config, out, splits, args.resume, not args.quiet)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
-        print(f"pkm-ref train: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        step = resumable_step(out, model_config, train_config)
+        if step is None:
+            raise Interrupted(
+                "before the first checkpoint of this run, so there is nothing to resume: run the "
+                "same command to start again"
+            ) from None
+        raise Interrupted(
+            f"the last checkpoint, step {step}, is in {out / CHECKPOINT}; resume with: "
+            f"{resume_command(args, profile, out)}"
+        ) from None
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def resume_command(args: argparse.Namespace, profile: str, out: Path) -> str:
+    """The command line that continues this run: every option given, the profile and the folder
+    spelled out, and ``--resume`` in place of ``--force``."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    words = ["pkm-ref", "train", "--profile", profile, "--out", str(out), "--resume"]
+    for name, value in vars(args).items():
+        # Left out: what is spelled out above, defaults, and names that are no option of train.
+        if name in ("profile", "out", "resume", "force") or value == defaults.get(name, value):
+            continue
+        words.append("--" + name.replace("_", "-"))
+        if isinstance(value, list):  # --memory-layers: [1, 3] -> "1,3"
+            words.append(",".join(map(str, value)))
+        elif value is not True:  # a store_true flag is its name alone
+            words.append(str(value))
+    return shlex.join(words)

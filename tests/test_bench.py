@@ -99,9 +99,9 @@ def test_goals_read_the_rows():
 
 
 @pytest.mark.parametrize("sizes", [["7"], ["4"], ["8", "31"]])
-def test_sizes_must_be_even_exponents(sizes):
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "retrieval", "--profile", "smoke", "--sizes", *sizes])
+def test_sizes_must_be_even_exponents(sizes, capsys):
+    assert cli.main(["bench", "retrieval", "--profile", "smoke", "--sizes", *sizes]) == 2
+    assert "pkm-ref bench: error: --sizes must be even exponents" in capsys.readouterr().err
 
 
 def tiny_settings() -> bench.Settings:

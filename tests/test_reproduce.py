@@ -167,3 +167,24 @@ def test_executed_notebooks_keep_their_figures_under_a_headless_backend(tmp_path
     executed = nbformat.read(reproduce.execute_notebook(path, "smoke"), as_version=4)
     outputs = executed.cells[0].outputs
     assert any("image/png" in output.get("data", {}) for output in outputs)
+
+
+def test_a_failing_or_interrupted_step_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """A step's error or Ctrl-C reaches reproduce's own command line: one line, exit code 2 or
+    130, no traceback (a step used to end in a RuntimeError traceback)."""
+    from pkm_ref import bench
+
+    monkeypatch.setenv("PKM_REF_FIGURES", str(tmp_path / "figures"))
+    argv = ["reproduce", "--profile", "smoke", "--runs", str(tmp_path), "--only", "bench-layer"]
+    for error, code, line in (
+        (ValueError("no memory left"), 2, "pkm-ref reproduce: error: no memory left\n"),
+        (KeyboardInterrupt(), 130, "pkm-ref reproduce: interrupted: run the same command"),
+    ):
+
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(bench, "run_bench", fail)
+        assert main(argv) == code
+        err = capsys.readouterr().err
+        assert line in err and "Traceback" not in err
