@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -203,20 +204,39 @@ def execute_notebook(path: Path, profile: str) -> Path:
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        notebook,
-        timeout=by_profile(300, 1800, 1800, profile),
-        kernel_name="python3",
-        resources={"metadata": {"path": str(path.parent)}},
-    )
     # The inline backend, whatever the caller's MPLBACKEND: a headless run with MPLBACKEND=Agg
     # would otherwise commit a notebook whose plt.show() cells have no figure.
-    with _environment(**{ENV_VAR: profile, "MPLBACKEND": _INLINE_BACKEND}):
-        client.execute()
+    with (
+        _environment(**{ENV_VAR: profile, "MPLBACKEND": _INLINE_BACKEND}),
+        _kernel_config() as config,
+    ):
+        NotebookClient(
+            notebook,
+            timeout=by_profile(300, 1800, 1800, profile),
+            kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
+            config=config,
+        ).execute()
     target = _executed_path(path, profile)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, lambda tmp: tmp.write_text(nbformat.writes(notebook) + "\n"))
     return target
+
+
+@contextmanager
+def _kernel_config():
+    """Configuration for ``nbclient.NotebookClient(config=...)``: the kernel talks over Unix
+    sockets in a private temporary folder (IPC transport), so ipykernel has no reason to warn
+    "Kernel is running over TCP without encryption" on every run. Windows has no IPC transport:
+    there the default (TCP on localhost) stays."""
+    from traitlets.config import Config
+
+    if sys.platform == "win32":
+        yield Config()
+        return
+    with tempfile.TemporaryDirectory(prefix="pkm_ref_kernel_") as sockets:
+        # Socket paths are limited to about 100 characters: keep the folder's name short.
+        yield Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "k")}})
 
 
 def _executed_path(path: Path, profile: str) -> Path:

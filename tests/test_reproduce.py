@@ -169,6 +169,20 @@ def test_executed_notebooks_keep_their_figures_under_a_headless_backend(tmp_path
     assert any("image/png" in output.get("data", {}) for output in outputs)
 
 
+def test_notebook_kernels_run_without_the_tcp_warning(tmp_path, capfd):
+    """The kernel talks over IPC sockets: ipykernel's "Kernel is running over TCP without
+    encryption" warning, printed on every notebook run before, is gone (the kernel writes to the
+    stderr it inherits, which capfd captures)."""
+    import nbformat
+
+    code = "from ipykernel.kernelapp import IPKernelApp\nprint(IPKernelApp.instance().transport)"
+    path = tmp_path / f"transport_{tmp_path.name}.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), path)
+    executed = nbformat.read(reproduce.execute_notebook(path, "smoke"), as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "ipc\n"
+    assert "TCP without encryption" not in capfd.readouterr().err
+
+
 def test_a_failing_or_interrupted_step_ends_in_one_line(tmp_path, monkeypatch, capsys):
     """A step's error or Ctrl-C reaches reproduce's own command line: one line, exit code 2 or
     130, no traceback (a step used to end in a RuntimeError traceback)."""
