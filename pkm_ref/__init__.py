@@ -13,6 +13,10 @@ Layers (``pkm_ref.memory``):
     FlatKeyMemory(input_dim, output_dim, n_slots, k_dim, heads, knn, query_norm="batchnorm")
         forward(x (..., input_dim), mask=None (...,) bool) -> (..., output_dim)
 
+Value read (``pkm_ref.read``; the Triton kernels in ``pkm_ref.read_triton``, imported on use):
+    read_bags(table (N, D), indices (B, J), weights (B, J), method="embedding_bag") -> (B, D)
+        method "embedding_bag", "compiled" (torch.compile) or "triton"; float32 or bf16 tables
+
 Usage metrics (``pkm_ref.usage``):
     memory_usage(indices, n_slots, weights=None) -> UsageStats; UsageAccumulator for many batches
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkm_ref import cost, figures
-from pkm_ref.memory import ProductKeyMemory, read_bags
+from pkm_ref.memory import ProductKeyMemory
 from pkm_ref.profiles import (
     add_device_argument,
     add_profile_argument,
@@ -50,6 +50,7 @@ from pkm_ref.profiles import (
     current_profile,
     profile_device,
 )
+from pkm_ref.read import read_bags
 from pkm_ref.search import flat_topk, product_topk
 
 BENCHES = ("retrieval", "layer", "model")
@@ -298,7 +299,8 @@ def read_values(
     values (N, D); scores, indices (M, H, knn) -> (M, D).
     """
     weights = F.softmax(scores.float(), dim=-1).flatten(1)  # (M, H * knn)
-    return read_bags(values, indices.flatten(1), weights, compiled)  # (M, D)
+    method = "compiled" if compiled else "embedding_bag"
+    return read_bags(values, indices.flatten(1), weights, method)  # (M, D)
 
 
 def _progress(items, what: str):

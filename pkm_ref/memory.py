@@ -10,16 +10,16 @@ For each input x (the paper's memory design), and each of H heads:
     w_h      = softmax(<q_h, key_i> for i in I_h)         (knn,)
     m(x)     = sum_h sum_{i in I_h} w_h[i] * values[i]   (output_dim,)
 
-All heads read ONE value table and their reads are summed. The value table is an ``EmbeddingBag``
-(mode "sum", per-sample weights): it gathers and weighs the H * knn rows in one kernel, and with
-``sparse=True`` its gradient touches only the rows that were read. ``compiled_read=True`` reads
-with ``gather_sum`` fused by ``torch.compile`` instead: about twice the bandwidth of EmbeddingBag
-on an H200, slower on CPU (``python -m pkm_ref bench retrieval`` measures both).
+All heads read ONE value table and their reads are summed: one bag of H * knn weighted rows per
+input, read by ``pkm_ref.read.read_bags``. The table is an ``EmbeddingBag``'s weight (mode "sum",
+per-sample weights), read by its kernel by default; with ``sparse=True`` its gradient touches only
+the rows that were read. ``compiled_read=True`` reads with ``gather_sum`` fused by
+``torch.compile`` instead: about twice the bandwidth of EmbeddingBag on an H200, slower on CPU
+(``python -m pkm_ref bench retrieval`` measures both).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -28,44 +28,8 @@ from torch import nn
 
 from pkm_ref import _checks
 from pkm_ref.query import QueryNetwork
+from pkm_ref.read import read_bags
 from pkm_ref.search import flat_topk, product_topk
-
-
-def gather_sum(table: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The value read as plain tensor ops: ``out[b] = sum_j weights[b, j] * table[indices[b, j]]``.
-
-    table (N, D); indices, weights (B, J) -> (B, D). Run eagerly it materialises the (B, J, D) rows
-    it gathers (notebook 04 measures that cost); under ``torch.compile`` it becomes one fused pass
-    over the rows read. Its gradient for ``table`` is dense.
-    """
-    return (table[indices] * weights.unsqueeze(-1)).sum(dim=1)  # (B, D)
-
-
-@functools.cache
-def compiled_gather_sum():
-    """``gather_sum`` under ``torch.compile``, built once per process.
-
-    Shapes are static (each new table or batch shape compiles once more): with dynamic shapes the
-    value size D becomes symbolic and the fused read lost half its speed on an H200.
-    """
-    return torch.compile(gather_sum, dynamic=False)
-
-
-def read_bags(
-    table: torch.Tensor,
-    indices: torch.Tensor,
-    weights: torch.Tensor,
-    compiled: bool = False,
-    sparse: bool = False,
-) -> torch.Tensor:
-    """The memory read: ``out[b] = sum_j weights[b, j] * table[indices[b, j]]``.
-
-    table (N, D); indices, weights (B, J) -> (B, D). EmbeddingBag's kernel (``sparse``: a sparse
-    gradient for ``table``), or with ``compiled`` the fused ``compiled_gather_sum``.
-    """
-    if compiled:
-        return compiled_gather_sum()(table, indices, weights)  # (B, D)
-    return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum", sparse=sparse)
 
 
 class _KeyValueMemory(nn.Module):
@@ -165,9 +129,10 @@ class _KeyValueMemory(nn.Module):
         n_rows, reads = indices.shape[0], self.heads * self.knn  # reads named: N may be 0
         # Sum over heads and knn: the heads share one table.
         bags = indices.reshape(n_rows, reads)  # (N, H * knn)
-        bag_weights = weights.reshape(n_rows, reads).to(self.values.weight.dtype)  # (N, H * knn)
+        bag_weights = weights.reshape(n_rows, reads)  # (N, H * knn), float32 or float64
+        method = "compiled" if self.compiled_read else "embedding_bag"
         out = read_bags(  # (N, output_dim)
-            self.values.weight, bags, bag_weights, self.compiled_read, self.sparse
+            self.values.weight, bags, bag_weights, method, self.sparse
         )
         out = F.dropout(out, self.value_dropout, self.training)  # (N, output_dim)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import materialise_product_keys
-from pkm_ref import FlatKeyMemory, ProductKeyMemory, memory, product_topk
+from pkm_ref import FlatKeyMemory, ProductKeyMemory, product_topk
 
 
 def small_memory(**overrides) -> ProductKeyMemory:
@@ -131,17 +131,6 @@ def test_reference_size_forward_backward_on_cpu():
     out.mean().backward()
     assert out.shape == (8, 128, 256)
     assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
-def test_gather_sum_equals_the_embedding_bag_read(device):
-    torch.manual_seed(7)
-    table = torch.randn(50, 6, device=device)  # (N, D)
-    indices = torch.randint(50, (9, 12), device=device)  # (B, J), repeats included
-    weights = torch.rand(9, 12, device=device)  # (B, J)
-    expected = torch.nn.functional.embedding_bag(
-        indices, table, per_sample_weights=weights, mode="sum"
-    )  # (B, D)
-    torch.testing.assert_close(memory.gather_sum(table, indices, weights), expected)
 
 
 @pytest.mark.parametrize("layer_class", [ProductKeyMemory, FlatKeyMemory])
