@@ -15,7 +15,8 @@ input, read by ``pkm_ref.read.read_bags``. The table is an ``EmbeddingBag``'s we
 per-sample weights), read by its kernel by default; with ``sparse=True`` its gradient touches only
 the rows that were read. ``compiled_read=True`` reads with ``gather_sum`` fused by
 ``torch.compile`` instead: about twice the bandwidth of EmbeddingBag on an H200, slower on CPU
-(``python -m pkm_ref bench retrieval`` measures both).
+(``python -m pkm_ref bench retrieval`` measures both). ``value_dtype=torch.bfloat16`` stores the
+table in bfloat16: half the bytes per read, sums and output still in float32.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from pkm_ref import _checks
 from pkm_ref.query import QueryNetwork
 from pkm_ref.read import read_bags
 from pkm_ref.search import flat_topk, product_topk
+
+# Value tables: float32, or bfloat16 for half the bytes of every read (see ``pkm_ref.optim`` for
+# how SplitOptimizer trains a bfloat16 table through a float32 master copy).
+VALUE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class _KeyValueMemory(nn.Module):
@@ -55,6 +60,7 @@ class _KeyValueMemory(nn.Module):
         value_dropout: float,
         sparse: bool,
         compiled_read: bool,
+        value_dtype: torch.dtype,
     ):
         super().__init__()
         if sparse and compiled_read:
@@ -73,11 +79,14 @@ class _KeyValueMemory(nn.Module):
         self.input_dropout = _checks.probability("input_dropout", input_dropout)
         self.query_dropout = _checks.probability("query_dropout", query_dropout)
         self.value_dropout = _checks.probability("value_dropout", value_dropout)
+        _checks.one_of("value_dtype", value_dtype, VALUE_DTYPES)
         self.query = QueryNetwork(self.input_dim, self.k_dim, self.heads, query_norm)
         self.values = nn.EmbeddingBag(n_slots, self.output_dim, mode="sum", sparse=self.sparse)
         # N(0, 1/output_dim): a read of knn rows starts at a sensible scale. Never zero: zero
         # values would give the keys and queries no gradient at step 0.
         nn.init.normal_(self.values.weight, mean=0.0, std=self.output_dim**-0.5)
+        # Drawn in float32 then rounded: with one seed a bfloat16 table is the float32 one rounded.
+        self.values.to(value_dtype)
         # Usage recording (eval mode only): see ``record_usage``.
         self.record_usage = False
         self.last_indices: torch.Tensor | None = None
@@ -129,9 +138,9 @@ class _KeyValueMemory(nn.Module):
         n_rows, reads = indices.shape[0], self.heads * self.knn  # reads named: N may be 0
         # Sum over heads and knn: the heads share one table.
         bags = indices.reshape(n_rows, reads)  # (N, H * knn)
-        bag_weights = weights.reshape(n_rows, reads)  # (N, H * knn), float32 or float64
+        bag_weights = weights.reshape(n_rows, reads)  # (N, H * knn), float32 even for bf16 values
         method = "compiled" if self.compiled_read else "embedding_bag"
-        out = read_bags(  # (N, output_dim)
+        out = read_bags(  # (N, output_dim), float32 for float32 and bfloat16 tables
             self.values.weight, bags, bag_weights, method, self.sparse
         )
         out = F.dropout(out, self.value_dropout, self.training)  # (N, output_dim)
@@ -148,7 +157,13 @@ class _KeyValueMemory(nn.Module):
             f"k_dim={self.k_dim}, heads={self.heads}, knn={self.knn}, "
             f"query_norm={self.query.norm_kind!r}, sparse={self.sparse}"
             + (", compiled_read=True" if self.compiled_read else "")
+            + (f", value_dtype={self.value_dtype}" if self.value_dtype != torch.float32 else "")
         )
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        """The value table's dtype (float32, or bfloat16: see ``VALUE_DTYPES``)."""
+        return self.values.weight.dtype
 
 
 class FlatKeyMemory(_KeyValueMemory):
@@ -174,11 +189,12 @@ class FlatKeyMemory(_KeyValueMemory):
         value_dropout: float = 0.0,
         sparse: bool = False,
         compiled_read: bool = False,
+        value_dtype: torch.dtype = torch.float32,
     ):
         n_slots = _checks.positive_int("n_slots", n_slots)
         super().__init__(
             input_dim, output_dim, n_slots, k_dim, heads, knn, query_norm,
-            input_dropout, query_dropout, value_dropout, sparse, compiled_read,
+            input_dropout, query_dropout, value_dropout, sparse, compiled_read, value_dtype,
         )  # fmt: skip
         bound = 1.0 / math.sqrt(k_dim)
         self.keys = nn.Parameter(torch.empty(heads, n_slots, k_dim).uniform_(-bound, bound))
@@ -209,6 +225,8 @@ class ProductKeyMemory(_KeyValueMemory):
         sparse: give the value table sparse gradients (use ``SparseAdam``; see ``pkm_ref.optim``).
         compiled_read: read the values with ``gather_sum`` under ``torch.compile`` instead of the
             EmbeddingBag (faster on GPU; dense gradients, so not with ``sparse``).
+        value_dtype: the value table's dtype, ``torch.float32`` or ``torch.bfloat16`` (half the
+            bytes per read; ``SplitOptimizer`` trains it through a float32 master copy).
     """
 
     def __init__(
@@ -225,12 +243,13 @@ class ProductKeyMemory(_KeyValueMemory):
         value_dropout: float = 0.0,
         sparse: bool = False,
         compiled_read: bool = False,
+        value_dtype: torch.dtype = torch.float32,
     ):
         n_keys = _checks.positive_int("n_keys", n_keys)
         k_dim = _checks.even_int("k_dim", k_dim)
         super().__init__(
             input_dim, output_dim, n_keys * n_keys, k_dim, heads, knn, query_norm,
-            input_dropout, query_dropout, value_dropout, sparse, compiled_read,
+            input_dropout, query_dropout, value_dropout, sparse, compiled_read, value_dtype,
         )  # fmt: skip
         self.n_keys = n_keys
         half = k_dim // 2

@@ -186,3 +186,33 @@ def test_softmax_weights_are_not_rounded_to_16_bits_under_autocast():
     assert memory.last_weights.dtype == torch.float32
     sums = memory.last_weights.sum(-1)  # (N, H)
     torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sparse, compiled_read", [(False, False), (True, False), (False, True)])
+def test_bfloat16_values_are_the_float32_ones_rounded(sparse, compiled_read):
+    """value_dtype=torch.bfloat16: with one seed the table is the float32 one rounded; the layer
+    reads it (EmbeddingBag or compiled) with float32 weights into a float32 output, like the
+    model around it, and the table gets a bfloat16 gradient (sparse with sparse=True)."""
+    options = dict(query_norm="layernorm", sparse=sparse, compiled_read=compiled_read)
+    torch.manual_seed(9)
+    full = small_memory(**options)
+    torch.manual_seed(9)
+    half = small_memory(**options, value_dtype=torch.bfloat16)
+    assert half.value_dtype == half.values.weight.dtype == torch.bfloat16
+    assert torch.equal(half.values.weight, full.values.weight.bfloat16())
+    assert "value_dtype=torch.bfloat16" in repr(half) and "value_dtype" not in repr(full)
+    x = torch.randn(3, 5, 12)  # (B, T, input_dim)
+    out = half(x)  # (B, T, output_dim)
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        full.values.weight.copy_(half.values.weight)  # the same values, read in float32
+    torch.testing.assert_close(out, full(x), rtol=1e-2, atol=1e-2)
+    out.square().sum().backward()
+    grad = half.values.weight.grad
+    assert grad.dtype == torch.bfloat16 and grad.is_sparse == sparse
+    assert half.query.proj.weight.grad.dtype == torch.float32
+
+
+def test_value_dtype_must_be_float32_or_bfloat16():
+    with pytest.raises(ValueError, match=r"value_dtype must be one of .*got torch.float16"):
+        small_memory(value_dtype=torch.float16)
