@@ -78,11 +78,13 @@ def variants(profile: str, vocab_size: int = 256) -> list[Variant]:
 
 
 def run_name(config: ModelConfig) -> str:
-    """``dense-4L``, ``pkm-2L-n64`` or ``flat-2L-n64``: a run directory's name."""
+    """``dense-4L``, ``pkm-2L-n64``, ``flat-2L-n64``, or ``pkm-2L-n64-bf16`` for bfloat16 values:
+    a run directory's name."""
     if not config.memory_layers:
         return f"dense-{config.n_layer}L"
     kind = "pkm" if config.memory.kind == "product" else "flat"
-    return f"{kind}-{config.n_layer}L-n{config.memory.n_keys}"
+    values = "-bf16" if config.memory.value_dtype == "bfloat16" else ""
+    return f"{kind}-{config.n_layer}L-n{config.memory.n_keys}{values}"
 
 
 def default_runs_dir() -> Path:

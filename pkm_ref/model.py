@@ -31,6 +31,7 @@ from pkm_ref.memory import FlatKeyMemory, ProductKeyMemory, _KeyValueMemory
 from pkm_ref.profiles import by_profile
 
 MEMORY_KINDS = ("product", "flat")
+VALUE_DTYPES = ("float32", "bfloat16")  # names of the torch dtypes in ``pkm_ref.memory``
 
 
 @dataclass
@@ -45,12 +46,14 @@ class MemoryConfig:
     query_norm: str | None = "batchnorm"
     sparse: bool = False
     compiled_read: bool = False  # fused torch.compile value read (see ``pkm_ref.memory``)
+    value_dtype: str = "float32"  # or "bfloat16": half the bytes per read (see ``pkm_ref.optim``)
     input_dropout: float = 0.0
     query_dropout: float = 0.0
     value_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _checks.one_of("memory kind", self.kind, MEMORY_KINDS)
+        _checks.one_of("value_dtype", self.value_dtype, VALUE_DTYPES)  # a name: saved as JSON
         for name in ("n_keys", "k_dim", "heads", "knn"):  # plain ints: configs are saved as JSON
             setattr(self, name, _checks.positive_int(name, getattr(self, name)))
 
@@ -159,8 +162,8 @@ def build_memory(config: ModelConfig) -> _KeyValueMemory:
     m = config.memory
     options = dict(
         k_dim=m.k_dim, heads=m.heads, knn=m.knn, query_norm=m.query_norm, sparse=m.sparse,
-        compiled_read=m.compiled_read, input_dropout=m.input_dropout, query_dropout=m.query_dropout,
-        value_dropout=m.value_dropout,
+        compiled_read=m.compiled_read, value_dtype=getattr(torch, m.value_dtype),
+        input_dropout=m.input_dropout, query_dropout=m.query_dropout, value_dropout=m.value_dropout,
     )  # fmt: skip
     if m.kind == "product":
         return ProductKeyMemory(config.d_model, config.d_model, n_keys=m.n_keys, **options)

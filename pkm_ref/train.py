@@ -507,8 +507,9 @@ class Trainer:
         stopped (same batches, same learning rates, same random draws)."""
         path = self._checkpoint_path(path)
         state = load_checkpoint_state(path)
+        saved = saved_configs(state)
         for key, current in run_configs(self.model_config, self.config).items():
-            changed = _config_differences(state[key], current)
+            changed = _config_differences(saved[key], current)
             if changed:
                 raise ValueError(
                     f"{path} was written with a different {key.replace('_', ' ')} "
@@ -538,6 +539,18 @@ def run_configs(model_config: ModelConfig, train_config: TrainConfig) -> dict:
     current configurations compare equal."""
     configs = {"model_config": asdict(model_config), "train_config": asdict(train_config)}
     return json.loads(json.dumps(configs))
+
+
+def saved_configs(saved: dict) -> dict:
+    """The configurations of a checkpoint or ``final.json``, rebuilt through their dataclasses
+    and written as ``run_configs`` writes them: a field added since the run was saved (such as
+    ``MemoryConfig.value_dtype``) reads back at its default, so the run still matches."""
+    try:
+        model_config = ModelConfig(**saved["model_config"])
+        train_config = TrainConfig(**saved["train_config"])
+    except (TypeError, ValueError):  # a field this version no longer has: as saved, no match
+        return {key: saved[key] for key in ("model_config", "train_config")}
+    return run_configs(model_config, train_config)
 
 
 def load_checkpoint_state(path: str | os.PathLike[str]) -> dict:
@@ -587,8 +600,8 @@ def resumable_step(
     if not checkpoint.exists():
         return None
     state = load_checkpoint_state(checkpoint)
-    configs = run_configs(model_config, train_config)
-    return state["step"] if all(state[k] == v for k, v in configs.items()) else None
+    matches = saved_configs(state) == run_configs(model_config, train_config)
+    return state["step"] if matches else None
 
 
 def train(
@@ -632,7 +645,7 @@ def train_or_reuse(
     out_dir = Path(out_dir)
     configs = run_configs(model_config, train_config)
     final = read_final(out_dir)
-    if not force and final is not None and all(final[k] == v for k, v in configs.items()):
+    if not force and final is not None and saved_configs(final) == configs:
         return final["metrics"]
     resume = not force and resumable_step(out_dir, model_config, train_config) is not None
     return train(model_config, train_config, out_dir, splits, resume, progress)

@@ -19,7 +19,7 @@ from pkm_ref._files import check_writable
 from pkm_ref.cli import Interrupted
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.experiment import default_runs_dir, run_name
-from pkm_ref.model import MEMORY_KINDS, ModelConfig, middle_layer
+from pkm_ref.model import MEMORY_KINDS, VALUE_DTYPES, ModelConfig, middle_layer
 from pkm_ref.profiles import (
     add_device_argument,
     add_profile_argument,
@@ -69,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compiled-read", action="store_true",
         help="read the values with torch.compile (GPU: faster; dense gradients, not with --sparse)",
     )  # fmt: skip
+    model.add_argument(
+        "--value-dtype", choices=VALUE_DTYPES, default=None,
+        help="the value table's dtype: bfloat16 halves the bytes read (a float32 master trains it)",
+    )  # fmt: skip
     run_group = parser.add_argument_group("training (default: the profile's)")
     run_group.add_argument("--steps", type=int, default=None)
     run_group.add_argument("--batch-size", type=int, default=None)
@@ -97,7 +101,8 @@ def build_configs(args: argparse.Namespace, profile: str) -> tuple[ModelConfig, 
     base = ModelConfig.for_profile(profile)
     memory_fields = _given(
         args, {"memory_kind": "kind", "n_keys": "n_keys", "k_dim": "k_dim",
-               "memory_heads": "heads", "knn": "knn", "value_dropout": "value_dropout"},
+               "memory_heads": "heads", "knn": "knn", "value_dropout": "value_dropout",
+               "value_dtype": "value_dtype"},
     )  # fmt: skip
     if args.query_norm is not None:
         memory_fields["query_norm"] = None if args.query_norm == "none" else args.query_norm

@@ -150,6 +150,23 @@ def test_config_survives_a_dict_round_trip() -> None:
     assert ModelConfig(**dataclasses.asdict(config)) == config
 
 
+def test_value_dtype_config_builds_bfloat16_tables() -> None:
+    """``MemoryConfig.value_dtype`` is a name (configs are saved as JSON); a config saved before
+    the field existed reads back with float32 values."""
+    config = tiny_config(memory_layers=(1,), memory=dataclasses.replace(
+        TINY_MEMORY, value_dtype="bfloat16"))  # fmt: skip
+    model = LanguageModel(config)
+    (memory,) = model.memory_layers()
+    assert memory.values.weight.dtype == torch.bfloat16
+    logits, loss = model(tokens(), tokens(seed=1))
+    assert logits.dtype == torch.float32 and torch.isfinite(loss)
+    saved = dataclasses.asdict(config)
+    del saved["memory"]["value_dtype"]  # as in a checkpoint written before value_dtype
+    assert ModelConfig(**saved).memory.value_dtype == "float32"
+    with pytest.raises(ValueError, match=r"value_dtype must be one of \['float32', 'bfloat16'\]"):
+        MemoryConfig(value_dtype="float16")
+
+
 def test_parameter_counts() -> None:
     dense = LanguageModel(tiny_config())
     counts = dense.parameter_counts()

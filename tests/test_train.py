@@ -13,6 +13,7 @@ import torch
 
 from pkm_ref import cli
 from pkm_ref.data import CorpusSplits, load_corpus
+from pkm_ref.experiment import run_name
 from pkm_ref.model import MEMORY_KINDS, ModelConfig
 from pkm_ref.train import (
     CHECKPOINT,
@@ -63,9 +64,11 @@ def test_sparse_values_train_with_sparse_adam(splits: CorpusSplits) -> None:
     assert not torch.equal(before, trainer.model.memory_layers()[0].values.weight)
 
 
-def test_a_few_steps_reduce_the_loss(splits: CorpusSplits) -> None:
+@pytest.mark.parametrize("value_dtype", ["float32", "bfloat16"])
+def test_a_few_steps_reduce_the_loss(splits: CorpusSplits, value_dtype: str) -> None:
     config = dataclasses.replace(TRAIN, max_steps=30, warmup_steps=3, lr=3e-3)
-    trainer = Trainer(MEMORY_MODEL, config, splits=splits)
+    memory = dataclasses.replace(MEMORY_MODEL.memory, value_dtype=value_dtype)
+    trainer = Trainer(dataclasses.replace(MEMORY_MODEL, memory=memory), config, splits=splits)
     sample = splits.train[:4_097]
     before = evaluate(trainer.model, sample, 8)["loss"]
     for _ in range(30):
@@ -85,12 +88,17 @@ def test_evaluate_reports_bits_per_byte_and_memory_usage(splits: CorpusSplits) -
     assert not memory.record_usage and memory.last_indices is None and trainer.model.training
 
 
-@pytest.mark.parametrize("kind", MEMORY_KINDS)
-def test_resume_continues_exactly(tmp_path: Path, splits: CorpusSplits, kind: str) -> None:
+@pytest.mark.parametrize(
+    "kind, value_dtype", [(kind, "float32") for kind in MEMORY_KINDS] + [("product", "bfloat16")]
+)
+def test_resume_continues_exactly(
+    tmp_path: Path, splits: CorpusSplits, kind: str, value_dtype: str
+) -> None:
+    """bfloat16 values too: the checkpoint carries their float32 masters."""
     model_config = dataclasses.replace(
         MEMORY_MODEL,
         dropout=0.1,  # draws from the global RNG
-        memory=dataclasses.replace(MEMORY_MODEL.memory, kind=kind),
+        memory=dataclasses.replace(MEMORY_MODEL.memory, kind=kind, value_dtype=value_dtype),
     )
     first = Trainer(model_config, TRAIN, tmp_path, splits)
     for _ in range(4):
@@ -153,6 +161,34 @@ def test_fit_logs_and_reuses_finished_runs(
         train_or_reuse(MEMORY_MODEL, TRAIN, tmp_path, splits, force=True)
 
 
+def test_runs_saved_before_a_config_field_existed_still_match(
+    tmp_path: Path, splits: CorpusSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A final.json or checkpoint without ``value_dtype`` (older runs) is the float32 run: reused
+    and resumable, not retrained; a bfloat16 run of the same model is another run."""
+    metrics = train_or_reuse(MEMORY_MODEL, TRAIN, tmp_path, splits, progress=False)
+    final = json.loads((tmp_path / FINAL).read_text())
+    del final["model_config"]["memory"]["value_dtype"]
+    (tmp_path / FINAL).write_text(json.dumps(final))
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    del state["model_config"]["memory"]["value_dtype"]
+    torch.save(state, tmp_path / CHECKPOINT)
+    trainer = Trainer(MEMORY_MODEL, TRAIN, tmp_path, splits)
+    trainer.load_checkpoint()  # no "different model config" error
+    assert trainer.step == TRAIN.max_steps
+
+    def no_training(self, progress=True):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(Trainer, "fit", no_training)
+    assert train_or_reuse(MEMORY_MODEL, TRAIN, tmp_path, splits) == metrics
+    bfloat16 = dataclasses.replace(
+        MEMORY_MODEL, memory=dataclasses.replace(MEMORY_MODEL.memory, value_dtype="bfloat16")
+    )
+    with pytest.raises(AssertionError, match="trained again"):
+        train_or_reuse(bfloat16, TRAIN, tmp_path, splits)
+
+
 def test_train_and_sample_commands_end_to_end(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -177,12 +213,23 @@ def test_short_runs_shrink_warmup_and_eval_interval(steps: int) -> None:
     )  # fmt: skip
     model_config, train_config = build_configs(args, "smoke")
     assert train_config.max_steps == steps and model_config.memory.compiled_read
+    assert model_config.memory.value_dtype == "float32"
     assert 0 <= train_config.warmup_steps < steps and train_config.eval_interval <= steps
     assert train_config.warmup_steps == min(TRAIN.warmup_steps, steps // 10)
     assert TrainConfig.for_profile("smoke", max_steps=steps) == train_config  # the same rule
     assert TrainConfig.for_profile("smoke", max_steps=2, warmup_steps=1).warmup_steps == 1
     with pytest.raises(ValueError, match=r"max_steps \(--steps\) must be >= 1, got 0"):
         TrainConfig.for_profile("smoke", max_steps=0)
+
+
+def test_value_dtype_flag_names_its_own_run() -> None:
+    """``--value-dtype bfloat16`` reaches MemoryConfig and trains into its own directory."""
+    argv = ["train", "--profile", "smoke", "--memory-layers", "mid", "--value-dtype", "bfloat16"]
+    model_config, _ = build_configs(cli.build_parser().parse_args(argv), "smoke")
+    assert model_config.memory.value_dtype == "bfloat16"
+    assert run_name(model_config) == "pkm-2L-n8-bf16" and run_name(MEMORY_MODEL) == "pkm-2L-n8"
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        cli.build_parser().parse_args([*argv[:-1], "float16"])
 
 
 def test_a_shorter_run_keeps_the_shape_of_the_schedule() -> None:
