@@ -146,13 +146,14 @@ class _BagRead(torch.autograd.Function):
 def _tiles(reads: int, width: int, itemsize: int) -> tuple[int, int, int]:
     """(BLOCK_J, BLOCK_D, num_warps) of the kernels that walk a bag's rows.
 
-    BLOCK_D covers 1 KiB of a row (256 float32, 512 bfloat16 values) or the whole row when it is
-    shorter; BLOCK_J up to 32 rows a step, so that a step has 16-32 KiB of loads in flight; 8 warps
-    above 16 KiB keep that at 64 values per thread. Untuned: a GPU run can sweep them.
+    BLOCK_D covers 1 KiB of a row (256 float32, 512 bfloat16 values), or a shorter row whole;
+    BLOCK_J up to 32 rows a step and up to 8,192 values a tile (32 KiB of float32 loads in flight,
+    16 KiB of bfloat16); warps enough for 32 values a thread (8 for a full tile), which leaves
+    registers for several programs per multiprocessor. Untuned: a GPU run can sweep them.
     """
     block_d = min(triton.next_power_of_2(width), 1024 // itemsize)
-    block_j = min(triton.next_power_of_2(max(reads, 1)), 32)
-    num_warps = 4 if block_j * block_d * itemsize <= 16 * 1024 else 8
+    block_j = min(triton.next_power_of_2(max(reads, 1)), 32, max(8192 // block_d, 1))
+    num_warps = min(max(block_j * block_d // 1024, 1), 8)
     return block_j, block_d, num_warps
 
 
@@ -174,7 +175,9 @@ def _bag_read_kernel(
     bag = tl.program_id(0).to(tl.int64)  # int64: bag * D may exceed 2^31
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     col_ok = cols < D  # (BLOCK_D,): D need not be a power of two
-    total = tl.zeros([BLOCK_D], dtype=weights_ptr.dtype.element_ty)  # (BLOCK_D,) fp32 sum
+    # One partial sum per row of the tile, reduced over the rows once, after the loop: a
+    # reduction across warps in every step would put a barrier between the steps' loads.
+    partial = tl.zeros([BLOCK_J, BLOCK_D], dtype=weights_ptr.dtype.element_ty)  # fp32 sums
     for start in range(0, J, BLOCK_J):
         reads = start + tl.arange(0, BLOCK_J)  # (BLOCK_J,)
         read_ok = reads < J  # (BLOCK_J,): J need not be a power of two either
@@ -186,7 +189,8 @@ def _bag_read_kernel(
             mask=in_table[:, None] & col_ok[None, :],
             other=0.0,
         )
-        total += tl.sum(rows.to(total.dtype) * weight[:, None], axis=0)  # (BLOCK_D,)
+        partial += rows.to(partial.dtype) * weight[:, None]  # (BLOCK_J, BLOCK_D)
+    total = tl.sum(partial, axis=0)  # (BLOCK_D,)
     tl.store(out_ptr + bag * D + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -224,7 +228,7 @@ def _weight_grad_kernel(
     read_ok = reads < J
     slots = tl.load(indices_ptr + bag * J + reads, mask=read_ok, other=0).to(tl.int64)
     in_table = read_ok & (slots >= 0) & (slots < n_slots)  # (BLOCK_J,)
-    dots = tl.zeros([BLOCK_J], dtype=grad_weights_ptr.dtype.element_ty)  # (BLOCK_J,)
+    partial = tl.zeros([BLOCK_J, BLOCK_D], dtype=grad_weights_ptr.dtype.element_ty)  # sums
     for start in range(0, D, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         col_ok = cols < D
@@ -234,7 +238,8 @@ def _weight_grad_kernel(
             mask=in_table[:, None] & col_ok[None, :],
             other=0.0,
         )
-        dots += tl.sum(rows.to(dots.dtype) * grad[None, :], axis=1)  # (BLOCK_J,)
+        partial += rows.to(partial.dtype) * grad[None, :]  # (BLOCK_J, BLOCK_D)
+    dots = tl.sum(partial, axis=1)  # (BLOCK_J,)
     tl.store(grad_weights_ptr + bag * J + reads, dots, mask=read_ok)
 
 
@@ -274,7 +279,7 @@ def _slot_sum_kernel(
     col_ok = cols < D
     start = tl.load(starts_ptr + segment)  # int64
     end = tl.load(ends_ptr + segment)
-    total = tl.zeros([BLOCK_D], dtype=weights_ptr.dtype.element_ty)  # (BLOCK_D,)
+    partial = tl.zeros([BLOCK_R, BLOCK_D], dtype=weights_ptr.dtype.element_ty)  # sums
     # A while loop: its bounds come from memory (a for loop over them fails in the 3.6 interpreter).
     position = start
     while position < end:
@@ -288,8 +293,9 @@ def _slot_sum_kernel(
             mask=ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        total += tl.sum(grads.to(total.dtype) * weight[:, None], axis=0)  # (BLOCK_D,)
+        partial += grads.to(partial.dtype) * weight[:, None]  # (BLOCK_R, BLOCK_D)
         position += BLOCK_R
+    total = tl.sum(partial, axis=0)  # (BLOCK_D,)
     out_row = tl.load(out_rows_ptr + segment)  # int64
     tl.store(out_ptr + out_row * D + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
