@@ -2,9 +2,10 @@
 
 Taught in ``notebooks/04_multihead_memory_gpu.ipynb`` (the read); ``read_bags(...,
 method="triton")`` is the way in. Imported only on first use, so ``import pkm_ref`` never imports
-Triton. On CPU tensors the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set
-before this module is first imported: Triton picks compiled or interpreted kernels when it
-decorates them), which is how the tests check them on machines without a GPU.
+Triton. On CPU tensors the kernels run under Triton's interpreter, which is how the tests check
+them on machines without a GPU: ``TRITON_INTERPRET=1`` must be set before Triton is first imported
+in the process, since Triton picks compiled or interpreted code when it decorates a kernel (its
+own helpers included, decorated on ``import triton``).
 
 Shapes: a table V (N, D), B bags of J reads each with slots I (B, J) and weights W (B, J), and
 R = B * J reads in all. Each kernel next to the torch code it must equal:
@@ -118,7 +119,7 @@ def _check_inputs(table: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
         raise RuntimeError(
             f"the Triton read runs on CUDA tensors, got {device.type} ones. On CPU use "
             'method="embedding_bag" (the default), or run the kernels in Triton\'s interpreter: '
-            "set TRITON_INTERPRET=1 before pkm_ref.read_triton is first imported"
+            "set TRITON_INTERPRET=1 before Triton is first imported"
         )
 
 
