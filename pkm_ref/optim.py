@@ -11,18 +11,18 @@ value tables use ``Adam``. A value table never appears in the dense group.
 **bfloat16 value tables** (``value_dtype=torch.bfloat16``) are trained through a float32 master
 copy: the value optimizer (Adam or SparseAdam, with float32 states) updates the master, and after
 each step the master, rounded to the nearest bfloat16, is written back into the table that the
-forward pass reads. The table exists in bfloat16 to halve the bytes of every read, which is all the
-speed asks; the update needs more bits. The value learning rate is a constant 1e-3, and an Adam
-step moves a value by about the rate, while bfloat16 keeps 8 significant bits: around 0.1 (values
-start at N(0, 1/d)) its spacing is 2^-11 ≈ 5e-4, at 1.0 it is 2^-7 ≈ 8e-3. Adam applied to the
-bfloat16 table itself would round many such steps away, and a value read only now and then (most
-rows) would stop learning. The master keeps every step; reads still see bfloat16. The cost is
-memory: 4 more bytes per value next to the 8 of Adam's two states (2 + 4 + 8 = 14 bytes per
-value, against 12 for a float32 table). The public code of Memory Layers at Scale (Berges et al.
-2024, facebookresearch/memory, lingua/product_key/colwise_embedding_bag.py and lingua/optim.py)
-creates its value table as a bfloat16 parameter and hands it to a plain AdamW: bfloat16 weights
-and states, no master. We keep the master, so that a bfloat16 table changes only the read, and
-the quality cost against float32 measures the read's rounding alone.
+forward pass reads. The table exists in bfloat16 to halve the bytes of every read, which is all
+the speed asks; the update needs more bits. The value learning rate is a constant (the paper's
+1e-3), an Adam step moves a value by about the rate at most, and bfloat16 keeps 8 significant
+bits: around 0.1 (values start at N(0, 1/d)) its spacing is 2^-11 ≈ 5e-4, at 1.0 it is
+2^-7 ≈ 8e-3. Adam applied to the bfloat16 table itself would round many such steps away, and a
+value read only now and then (most rows) would stop learning. The master keeps every step; reads
+still see bfloat16. The cost is memory: 4 more bytes per value next to the 8 of Adam's two states
+(2 + 4 + 8 = 14 bytes per value, against 12 for a float32 table). The public code of Memory Layers
+at Scale (Berges et al. 2024, facebookresearch/memory, lingua/product_key/colwise_embedding_bag.py
+and lingua/optim.py) creates its value table as a bfloat16 parameter and hands it to a plain
+AdamW: bfloat16 weights and states, no master. We keep the master, so that a bfloat16 table
+changes only the read, and the quality cost against float32 measures the read's rounding alone.
 """
 
 from __future__ import annotations
@@ -113,12 +113,14 @@ class SplitOptimizer:
         self._masters_to_tables()
 
     def _gradients_to_masters(self) -> None:
-        """Hand each bfloat16 table's gradient to its master, in float32 (sparse stays sparse)."""
+        """Hand each bfloat16 table's gradient to its master, in float32 (sparse stays sparse);
+        added to what the master holds, as backward passes add into ``.grad``."""
         for table, master in self.masters:
             if table.grad is None:
                 continue
-            grad = table.grad.coalesce() if table.grad.is_sparse else table.grad
-            master.grad = grad.float()  # dense (N, D) or sparse with the rows read
+            grad = table.grad.float()  # dense (N, D), or sparse with the rows read
+            grad = grad if master.grad is None else master.grad + grad
+            master.grad = grad.coalesce() if grad.is_sparse else grad
             table.grad = None
 
     @torch.no_grad()
@@ -128,7 +130,7 @@ class SplitOptimizer:
             if master.grad is None:
                 continue
             if master.grad.is_sparse:
-                rows = master.grad._indices()[0]  # (U,) coalesced: unique
+                rows = master.grad.indices()[0]  # (U,) coalesced: unique
                 table.index_copy_(0, rows, master.index_select(0, rows).to(table.dtype))
             else:
                 table.copy_(master)

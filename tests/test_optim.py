@@ -118,6 +118,7 @@ def test_many_small_steps_are_not_lost_to_bfloat16_rounding():
     plain = torch.nn.Parameter(table.detach().clone())  # bfloat16, for plain Adam
     plain_adam = torch.optim.Adam([plain], lr=1e-3)
     for _ in range(50):
+        optimizer.zero_grad()
         table.grad = torch.ones_like(table)  # a constant gradient: Adam steps by exactly lr
         plain.grad = torch.ones_like(plain)
         optimizer.step()
@@ -179,3 +180,19 @@ def test_state_dict_carries_the_float32_masters():
         restored.load_state_dict({**state, "value_masters": []})
     float32 = SplitOptimizer(TwoMemories())
     assert float32.masters == [] and float32.state_dict()["value_masters"] == []
+
+
+def test_bfloat16_gradients_accumulate_until_zero_grad():
+    """Backward passes add into a table's gradient; one that lands after clipping handed the
+    first to the master is added to it, not lost."""
+    torch.manual_seed(4)
+    model = bfloat16_memories()
+    optimizer = SplitOptimizer(model)
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    optimizer.clip_grad_norm_(1e9)  # hands the gradients to the masters, clips nothing
+    once = [master.grad.to_dense().clone() for _, master in optimizer.masters]
+    model(x).sum().backward()
+    optimizer.clip_grad_norm_(1e9)
+    for (_, master), first in zip(optimizer.masters, once, strict=True):
+        torch.testing.assert_close(master.grad.to_dense(), 2 * first)
