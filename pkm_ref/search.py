@@ -24,11 +24,18 @@ builds slot ids for the winners alone, works through the queries in cache-sized 
 each long top-k in two short passes (ranking integer keys on CPU). ``method="reference"`` keeps the
 readable k*k search; the tests check that both agree. The speed-up is measured in
 ``notebooks/06_complexity_and_speed.ipynb`` and by ``python -m pkm_ref bench``.
+
+``method="triton"`` runs the fast path's steps fused in one GPU kernel (``pkm_ref.search_triton``,
+imported only then): the sub-key scores, both per-half top-k's and the staircase stay in
+registers, and only the winners' slot ids and scores are written. It needs CUDA tensors (or
+Triton's CPU interpreter, for tests) and float32/bfloat16/float16 scores; its gradients come from
+recomputing the winners' scores in torch, as ``flat_topk``'s do.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -41,7 +48,7 @@ from pkm_ref import _checks
 # (512 MiB), so that each block is a large matmul rather than thousands of kernel launches.
 _FLAT_BLOCK_ELEMENTS = {"cpu": 1 << 24, "other": 1 << 27}
 
-PRODUCT_METHODS = ("fast", "reference")
+PRODUCT_METHODS = ("fast", "reference", "triton")
 
 # Candidates per row above this overflowed int32 indexing in a CUDA top-k of one public port.
 _MAX_CANDIDATES = 2**31 - 1
@@ -91,19 +98,34 @@ def flat_topk(
         scores, indices = _blockwise_topk(flat_query, keys, knn)  # (M, H, knn) each
     if torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad):
         # Recompute the chosen scores with autograd: <q, keys[h, idx]>, O(knn * d) per query.
-        # Read as rows of the (H * N, d) table with F.embedding: its backward sums the gradients
-        # of a key in a fixed order, where keys[head, indices] accumulates them in a different
-        # order on every multi-threaded run, so training could not be repeated bit for bit.
-        offsets = torch.arange(heads, device=keys.device)[:, None] * n_slots  # (H, 1)
-        rows = keys.reshape(heads * n_slots, dim)  # (H * N, d)
-        chosen_keys = F.embedding(indices + offsets, rows)  # (M, H, knn, d)
+        chosen_keys = _gather_rows(keys, indices)  # (M, H, knn, d)
         scores = torch.einsum("mhd,mhkd->mhk", flat_query, chosen_keys)  # (M, H, knn)
-        # Recomputation can reorder near-ties by rounding; sort again so the contract holds.
-        scores, order = scores.sort(dim=-1, descending=True)  # (M, H, knn)
-        indices = indices.gather(-1, order)  # (M, H, knn)
+        scores, indices = _sorted_by_score(scores, indices)  # (M, H, knn) each
 
     out_shape = lead_shape + ((knn,) if single_head else (heads, knn))
     return scores.reshape(out_shape), indices.reshape(out_shape)
+
+
+def _gather_rows(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``table[g, indices[m, g, k]]`` of a grouped table, differentiably.
+
+    table: (G, N, d); indices: (M, G, K) int64 in [0, N). Returns (M, G, K, d).
+    Read as rows of the (G * N, d) table with F.embedding: its backward sums the gradients of a
+    row in a fixed order, where ``table[g, indices]`` accumulates them in a different order on
+    every multi-threaded run, so training could not be repeated bit for bit.
+    """
+    groups, n_rows, dim = table.shape
+    offsets = torch.arange(groups, device=table.device)[:, None] * n_rows  # (G, 1)
+    return F.embedding(indices + offsets, table.reshape(groups * n_rows, dim))  # (M, G, K, d)
+
+
+def _sorted_by_score(
+    scores: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recomputed scores can reorder near-ties by rounding: sort again, descending, so that the
+    contract holds (stable: equal scores keep the search's order). (..., K) each."""
+    scores, order = scores.sort(dim=-1, descending=True, stable=True)  # (..., K)
+    return scores, indices.gather(-1, order)  # (..., K) each
 
 
 def _blockwise_topk(
@@ -147,7 +169,10 @@ def product_topk(
     ``method="reference"`` is the straightforward search taught in notebook 02: all k*k candidate
     sums. ``method="fast"`` (the default, used by the memory layers) returns the same result from
     the ~knn*ln(knn) candidates of the staircase (``staircase``), in cache-sized blocks of queries
-    and with the cheapest exact top-k of the device.
+    and with the cheapest exact top-k of the device. ``method="triton"`` returns it from one fused
+    GPU kernel (``pkm_ref.search_triton``: CUDA tensors, or CPU ones under TRITON_INTERPRET=1;
+    float32, bfloat16 or float16), equal scores ordered by the sub-keys' ranks; a knn whose
+    staircase exceeds the kernel's registers (knn > 105 when n >= knn) is searched by the fast path.
 
     Returns:
         scores: (..., knn) or (..., H, knn), same dtype as ``query``, descending, differentiable
@@ -175,7 +200,11 @@ def product_topk(
 
     lead_shape = query.shape[:-2]
     halves = query.reshape(-1, heads, 2, half)  # (M, H, 2, half)
-    search = _product_topk_fast if method == "fast" else _product_topk_reference
+    search = {
+        "fast": _product_topk_fast,
+        "reference": _product_topk_reference,
+        "triton": _product_topk_triton,
+    }[method]
     scores, indices = search(halves, subkeys, knn)  # (M, H, knn) each
 
     out_shape = lead_shape + ((knn,) if single_head else (heads, knn))
@@ -385,3 +414,64 @@ def _chunk_length(n: int, k: int) -> int:
         return 1
     best = min(lengths, key=lambda L: n // L + k * L)
     return best if n // best + k * best <= n // 2 else 1
+
+
+# --- The fused Triton kernel ---------------------------------------------------------------------
+
+
+def _product_topk_triton(
+    halves: torch.Tensor, subkeys: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_product_topk_reference``'s result from one fused Triton kernel (``search_triton``).
+
+    halves: (M, H, 2, half); subkeys: (H, 2, n, half). Returns two (M, H, knn) tensors.
+    The kernel ranks without autograd and writes only the winners' slot ids and scores; when
+    autograd needs the scores, they are recomputed from the winners' sub-keys in O(knn * d)
+    (``_rescore_product``). A knn whose staircase would not fit in registers takes the fast torch
+    path instead (``search_triton.fits``): the same exact result, at that path's speed.
+    """
+    kernels = _import_search_triton()
+    kernels.check_runnable(halves.device)
+    with torch.no_grad():
+        if kernels.fits(knn, subkeys.shape[2]):
+            scores, slots = kernels.fused_product_topk(halves, subkeys, knn)  # (M, H, knn) each
+        else:
+            scores, slots = _product_topk_fast(halves, subkeys, knn)  # (M, H, knn) each
+    if torch.is_grad_enabled() and (halves.requires_grad or subkeys.requires_grad):
+        scores, slots = _rescore_product(halves, subkeys, slots)  # (M, H, knn) each
+    return scores, slots
+
+
+def _import_search_triton():
+    """``pkm_ref.search_triton``, imported on first use: only method="triton" needs triton."""
+    try:
+        return importlib.import_module("pkm_ref.search_triton")
+    except ModuleNotFoundError as error:
+        if error.name != "triton":
+            raise
+        raise ModuleNotFoundError(
+            'product_topk(method="triton") needs the triton package: pip install triton (the '
+            'CUDA builds of torch on Linux bring it), or use method="fast"',
+            name="triton",
+        ) from error
+
+
+def _rescore_product(
+    halves: torch.Tensor, subkeys: torch.Tensor, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen slots' scores recomputed with autograd, O(knn * d), then sorted again.
+
+    halves: (M, H, 2, half); subkeys: (H, 2, n, half); slots: (M, H, knn) int64.
+    Each half is scored and rounded on its own and the two added, as the other paths do, so the
+    scores have the same rounding as theirs; gradients reach the query and only the chosen
+    sub-keys, in a fixed order (``_gather_rows``).
+    """
+    heads, _, n_keys, half = subkeys.shape
+    sub_ids = torch.stack([slots // n_keys, slots % n_keys], dim=2)  # (M, H, 2, knn)
+    chosen = _gather_rows(
+        subkeys.reshape(heads * 2, n_keys, half), sub_ids.flatten(1, 2)
+    )  # (M, 2H, knn, half)
+    half_scores = torch.einsum("mgd,mgkd->mgk", halves.flatten(1, 2), chosen)  # (M, 2H, knn)
+    half_scores = half_scores.unflatten(1, (heads, 2))  # (M, H, 2, knn)
+    scores = half_scores[:, :, 0] + half_scores[:, :, 1]  # (M, H, knn)
+    return _sorted_by_score(scores, slots)

@@ -207,7 +207,7 @@ def test_very_large_knn_is_refused(monkeypatch, method):
     search._staircase.cache_clear()
 
 
-@pytest.mark.parametrize("method", ["fast", "reference"])
+@pytest.mark.parametrize("method", ["fast", "reference", "triton"])
 @pytest.mark.parametrize(
     ("query_shape", "subkeys_shape", "knn", "error"),
     [
