@@ -29,9 +29,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from pkm_ref import _checks
+from pkm_ref import _checks, _triton
 
 READ_METHODS = ("embedding_bag", "compiled", "triton")
+_TRITON_CALLER = 'read_bags(method="triton")'
 
 
 def sum_dtype(table: torch.Tensor, weights: torch.Tensor) -> torch.dtype:
@@ -89,22 +90,9 @@ def read_bags(
             )
         return compiled_gather_sum()(table, indices, weights)  # (B, D)
     if method == "triton":
-        return _read_triton().bag_read(table, indices, weights, sparse)  # (B, D)
+        kernels = _triton.import_kernels("read_triton", _TRITON_CALLER, 'method="embedding_bag"')
+        return kernels.bag_read(table, indices, weights, sparse)  # (B, D)
     out = F.embedding_bag(  # (B, D) in the table's dtype: it needs the weights in it too
         indices, table, per_sample_weights=weights.to(table.dtype), mode="sum", sparse=sparse
     )
     return out.to(sum_dtype(table, weights))  # (B, D)
-
-
-def _read_triton():
-    """``pkm_ref.read_triton``, imported on first use: ``import pkm_ref`` never imports Triton."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            'the Triton read (method="triton") needs Triton: pip install triton (Linux; CUDA '
-            'builds of torch ship it), or use method="embedding_bag"'
-        ) from error
-    from pkm_ref import read_triton
-
-    return read_triton

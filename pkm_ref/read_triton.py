@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pkm_ref import _checks
+from pkm_ref import _checks, _triton
 from pkm_ref.read import sum_dtype
 
 # Decided when this module is imported, as Triton decides for the kernels below.
@@ -114,13 +114,12 @@ def _check_inputs(table: torch.Tensor, indices: torch.Tensor, weights: torch.Ten
     devices = {table.device, indices.device, weights.device}
     if len(devices) > 1:
         raise ValueError(f"table, indices and weights must be on one device, got {devices}")
-    device = table.device
-    if device.type != "cuda" and not (device.type == "cpu" and INTERPRETED):
-        raise RuntimeError(
-            f"the Triton read runs on CUDA tensors, got {device.type} ones. On CPU use "
-            'method="embedding_bag" (the default), or run the kernels in Triton\'s interpreter: '
-            "set TRITON_INTERPRET=1 before Triton is first imported"
-        )
+    _triton.check_runnable(
+        table.device,
+        INTERPRETED,
+        'read_bags(method="triton")',
+        'method="embedding_bag" (the default)',
+    )
 
 
 class _BagRead(torch.autograd.Function):

@@ -35,13 +35,12 @@ recomputing the winners' scores in torch, as ``flat_topk``'s do.
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from pkm_ref import _checks
+from pkm_ref import _checks, _triton
 
 # The flat search scores queries against at most this many (query, key) pairs at a time, so the
 # (queries x N) score matrix is never materialised. CPU: 2^24 float32 scores = 64 MiB. GPU: 2^27
@@ -49,6 +48,7 @@ from pkm_ref import _checks
 _FLAT_BLOCK_ELEMENTS = {"cpu": 1 << 24, "other": 1 << 27}
 
 PRODUCT_METHODS = ("fast", "reference", "triton")
+_TRITON_CALLER = 'product_topk(method="triton")'
 
 # Candidates per row above this overflowed int32 indexing in a CUDA top-k of one public port.
 _MAX_CANDIDATES = 2**31 - 1
@@ -430,8 +430,8 @@ def _product_topk_triton(
     (``_rescore_product``). A knn whose staircase would not fit in registers takes the fast torch
     path instead (``search_triton.fits``): the same exact result, at that path's speed.
     """
-    kernels = _import_search_triton()
-    kernels.check_runnable(halves.device)
+    kernels = _triton.import_kernels("search_triton", _TRITON_CALLER, 'method="fast"')
+    _triton.check_runnable(halves.device, kernels.INTERPRETED, _TRITON_CALLER, 'method="fast"')
     with torch.no_grad():
         if kernels.fits(knn, subkeys.shape[2]):
             scores, slots = kernels.fused_product_topk(halves, subkeys, knn)  # (M, H, knn) each
@@ -440,20 +440,6 @@ def _product_topk_triton(
     if torch.is_grad_enabled() and (halves.requires_grad or subkeys.requires_grad):
         scores, slots = _rescore_product(halves, subkeys, slots)  # (M, H, knn) each
     return scores, slots
-
-
-def _import_search_triton():
-    """``pkm_ref.search_triton``, imported on first use: only method="triton" needs triton."""
-    try:
-        return importlib.import_module("pkm_ref.search_triton")
-    except ModuleNotFoundError as error:
-        if error.name != "triton":
-            raise
-        raise ModuleNotFoundError(
-            'product_topk(method="triton") needs the triton package: pip install triton (the '
-            'CUDA builds of torch on Linux bring it), or use method="fast"',
-            name="triton",
-        ) from error
 
 
 def _rescore_product(

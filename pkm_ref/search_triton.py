@@ -351,16 +351,6 @@ def fits(knn: int, n_keys: int) -> bool:
     return _candidates_pad(knn, n_keys) <= _MAX_CANDIDATES_PAD
 
 
-def check_runnable(device: torch.device) -> None:
-    """Raise unless the kernel can run on ``device``'s tensors in this process."""
-    if device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f'product_topk(method="triton") runs on CUDA tensors, got {device.type} tensors. Move '
-            'them to a GPU, use method="fast", or run Triton\'s (slow) CPU interpreter: set '
-            "TRITON_INTERPRET=1 before pkm_ref.search_triton is first imported"
-        )
-
-
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

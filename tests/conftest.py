@@ -1,20 +1,9 @@
 """Shared fixtures: every device test runs on CPU, and on CUDA too when it is present."""
 
-import os
-
 import pytest
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-# Without a GPU, the Triton kernels (pkm_ref.read_triton) run on CPU tensors in Triton's
-# interpreter. Triton chooses compiled or interpreted code when it decorates a kernel (its own
-# helpers on `import triton`), so the variable is set here, before any test imports triton (torch
-# does not). Only without CUDA: with a GPU the same tests run the compiled kernels on "cuda", and
-# torch.compile keeps its compiled kernels. Nothing else on a CPU-only machine uses Triton
-# (torch.compile generates C++ for the CPU).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(params=DEVICES)

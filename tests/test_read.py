@@ -76,6 +76,7 @@ def test_bad_methods_are_refused():
 
 
 def test_the_triton_method_without_triton_says_how_to_install_it(monkeypatch):
+    monkeypatch.delitem(sys.modules, "pkm_ref.read_triton", raising=False)
     monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed: import fails
     table, indices, weights = bags("cpu")
     with pytest.raises(ImportError, match="pip install triton"):
