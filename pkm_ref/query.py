@@ -11,6 +11,9 @@ query batchnorm). Two sharp edges of public implementations are avoided here:
   ``MaskedBatchNorm1d`` takes a mask and computes both over the real positions only.
 * One batch with a NaN or an infinity would poison the running averages for good: every later
   input in eval mode would come out NaN. ``MaskedBatchNorm1d`` keeps its previous averages then.
+* Under data parallelism (``torchrun``) each process sees a slice of the batch, and statistics of
+  a slice are not those of the batch. With ``process_group`` set (``pkm_ref.distributed`` does it)
+  ``MaskedBatchNorm1d`` takes its statistics over the real rows of every process, as one batch.
 
 A third is a property, not a bug: at train time batchnorm mixes statistics across all positions of
 the batch, so in a causal language model a token's query depends slightly on later tokens.
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkm_ref import _checks
+from pkm_ref.collectives import all_reduce_sum
 
 QUERY_NORMS = ("batchnorm", "layernorm", None)
 
@@ -37,7 +41,16 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     unless the update is not finite (a NaN or an infinity in the batch): then the previous
     averages stay, decided on the device without a GPU sync. In eval mode the running averages
     are used and the mask changes nothing.
+
+    ``process_group``: None (the default), statistics of this process's rows; or a
+    ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all), statistics of
+    the real rows of every process in it, as SyncBatchNorm does: the sum and count of the rows,
+    then the sum of squared deviations from their mean, each all-reduced (two-pass, as
+    ``var(unbiased=False)``), with gradients through both. Every process must then run its
+    training forward and backward passes together. In eval mode nothing is communicated.
     """
+
+    process_group = None  # see the class docstring; set it on the instance
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 2:
@@ -58,7 +71,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             momentum = self.momentum
             if momentum is None:  # cumulative moving average, as BatchNorm1d
                 momentum = 1.0 / float(self.num_batches_tracked + 1)
-        if mask is None or bool(mask.all()):
+        if self.process_group is None and (mask is None or bool(mask.all())):
             mean, var = running if running is not None else (None, None)
             normed = F.batch_norm(x, mean, var, self.weight, self.bias, True, momentum, self.eps)
         else:
@@ -70,22 +83,30 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     def _masked_batch_norm(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         running: tuple[torch.Tensor, torch.Tensor] | None,
         momentum: float,
     ) -> torch.Tensor:
-        """Normalise ``x`` (N, C) by the statistics of its real rows, moving ``running`` (mean,
-        variance) towards them in place."""
+        """Normalise ``x`` (N, C) by the statistics of its real rows (None: all rows), over every
+        process of ``process_group`` if set, moving ``running`` (mean, variance) towards them in
+        place."""
         # Statistics in at least float32 (under autocast x is 16-bit); the buffers keep their dtype.
         stats_dtype = torch.promote_types(x.dtype, torch.float32)
-        real = x[mask].to(stats_dtype)  # (N_real, C)
-        n_real = real.shape[0]
-        if n_real < 2:
-            raise ValueError(
-                f"batchnorm needs at least 2 real (unmasked) positions in training, got {n_real}"
-            )
-        mean = real.mean(dim=0)  # (C,)
-        var = real.var(dim=0, unbiased=False)  # (C,)
+        real = (x if mask is None else x[mask]).to(stats_dtype)  # (N_real, C)
+        if self.process_group is None:
+            n_real = real.shape[0]
+            if n_real < 2:
+                raise ValueError(
+                    "batchnorm needs at least 2 real (unmasked) positions in training, "
+                    f"got {n_real}"
+                )
+            mean = real.mean(dim=0)  # (C,)
+            var = real.var(dim=0, unbiased=False)  # (C,)
+        else:
+            # The count stays a tensor: reading it would stall the GPU at every step. Fewer than
+            # 2 real rows over all processes give non-finite statistics, which the running
+            # averages refuse (_keep_finite) and the trainer stops on (a non-finite loss).
+            n_real, mean, var = _statistics_over_ranks(real, self.process_group)
         if running is not None:
             with torch.no_grad():
                 unbiased = var * (n_real / (n_real - 1))  # (C,)
@@ -105,6 +126,19 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         self.running_mean.copy_(torch.where(finite, mean, self.running_mean))  # (C,)
         self.running_var.copy_(torch.where(finite, var, self.running_var))  # (C,)
         self.num_batches_tracked.add_(finite.long())
+
+
+def _statistics_over_ranks(
+    real: torch.Tensor, group
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count (), mean (C,) and biased variance (C,) of the rows ``real`` (N_r, C) of every rank
+    of ``group``, as if they were one batch; differentiable through both all-reduces."""
+    count = real.new_full((1,), real.shape[0])  # (1,)
+    sums = all_reduce_sum(torch.cat([real.sum(dim=0), count]), group)  # (C + 1,)
+    n_real = sums[-1]  # ()
+    mean = sums[:-1] / n_real  # (C,)
+    var = all_reduce_sum((real - mean).square().sum(dim=0), group) / n_real  # (C,)
+    return n_real, mean, var
 
 
 class QueryNetwork(nn.Module):
