@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 # command -> (module, one-line help)
@@ -77,6 +78,12 @@ def dispatch(argv: list[str]) -> int:
     """Parse ``argv`` and run its command, letting its exceptions through (``reproduce`` runs its
     steps this way, so that their errors and Ctrl-C reach the outer ``main``)."""
     args = build_parser().parse_args(argv)
+    if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # N copies of one command would write the same files at once.
+        raise CommandError(
+            f"{args.command} runs in one process; under torchrun only train runs on several: "
+            f"start pkm-ref {args.command} without torchrun"
+        )
     return importlib.import_module(COMMANDS[args.command][0]).run(args)
 
 

@@ -11,10 +11,13 @@ Taught in ``notebooks/05_train_pkm_lm.ipynb``.
   atomically), ``log.jsonl`` (one line per evaluation) and, once finished, ``final.json``.
   A run that is refused or stopped before its first checkpoint removes the folder it created.
 * A non-finite loss stops training (``NonFiniteLossError``) before it reaches a checkpoint.
+* Under ``torchrun``, one model trains on every process (``pkm_ref.distributed``): each computes
+  its slice of the same global batch, rank 0 alone writes the run's files.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 from pkm_ref import _checks
 from pkm_ref._files import atomic_write, outermost_missing, remove_created
 from pkm_ref.data import CorpusSplits, Tokenizer, iter_eval_batches, load_corpus, random_batch
+from pkm_ref.distributed import World, data_parallel, sum_usage
 from pkm_ref.model import LanguageModel, ModelConfig
 from pkm_ref.optim import SplitOptimizer
 from pkm_ref.profiles import by_profile, profile_device_name, resolve_device
@@ -181,6 +185,7 @@ def evaluate(
     max_tokens: int | None = None,
     tokenizer: Tokenizer | None = None,
     precision: str = "float32",
+    world: World | None = None,
 ) -> dict:
     """Next-token loss of ``model`` on a split, in eval mode, and the usage of its memories.
 
@@ -189,6 +194,8 @@ def evaluate(
         max_tokens: read this many tokens from the start (rounded up to whole windows of
             ``block_size``): the same text at any batch size.
         tokenizer: gives the bytes per token for bits per byte (None: one byte per token).
+        world: with several processes (``pkm_ref.distributed``), each scores every W-th batch
+            and the results are summed over them: every rank must call it. None: one process.
 
     Returns:
         ``loss`` (nats/token), ``ppl``, ``bpb`` (bits per UTF-8 byte), ``tokens`` scored;
@@ -199,9 +206,11 @@ def evaluate(
     device = next(model.parameters()).device
     block = model.config.block_size
     max_windows = None if max_tokens is None else math.ceil(max_tokens / block)
+    world = World() if world is None else world
     total_loss, scored = 0.0, 0
+    batches = iter_eval_batches(tokens, batch_size, block, max_windows)
     with _recording_usage(model) as accumulators:
-        for x, y in iter_eval_batches(tokens, batch_size, block, max_windows):
+        for x, y in itertools.islice(batches, world.rank, None, world.size):  # this rank's
             x, y = x.to(device), y.to(device)  # (b, T) each
             with autocast(device, precision):
                 _, loss = model(x, y)
@@ -209,6 +218,11 @@ def evaluate(
             scored += y.numel()
             for memory, accumulator in zip(model.memory_layers(), accumulators, strict=True):
                 accumulator.update(memory.last_indices, memory.last_weights)  # (b*T, H, knn)
+        if world.distributed:
+            sums = world.sum(torch.tensor([total_loss, scored], dtype=torch.float64))  # (2,)
+            total_loss, scored = float(sums[0]), int(sums[1])
+            for accumulator in accumulators:
+                sum_usage(accumulator, world)
         usages = [accumulator.result() for accumulator in accumulators]
     loss = total_loss / scored
     per_byte = 1.0 if tokenizer is None else bytes_per_token(tokenizer, tokens[: scored + 1])
@@ -300,7 +314,9 @@ class Trainer:
     ):
         self.model_config, self.config = model_config, train_config
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.device = resolve_device(train_config.device)
+        self.world = World.current()  # one process, or all those torchrun started
+        self.world.local_batch_size(train_config.batch_size)  # must split evenly over them
+        self.device = self.world.device(resolve_device(train_config.device))
         if splits is None:
             splits = load_corpus(
                 train_config.corpus, train_config.tokenizer, train_config.seed,
@@ -320,7 +336,11 @@ class Trainer:
             self.model, lr=train_config.lr, value_lr=train_config.value_lr,
             weight_decay=train_config.weight_decay,
         )  # fmt: skip
+        self._trained_model = data_parallel(self.model, self.world)  # self.model on one process
+        if self.world.rank:  # its own dropout masks; rank 0 goes on with the one-process stream
+            torch.manual_seed(train_config.seed + self.world.rank)
         # Its own generator: the data order survives a resume and ignores other random draws.
+        # The same on every rank: all draw the global batch, each keeps its slice.
         self.data_generator = torch.Generator().manual_seed(train_config.seed)
         self.step = 0
         self.train_seconds = 0.0  # time spent in training steps only, over every resume
@@ -331,15 +351,16 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def train_step(self) -> torch.Tensor:
-        """One optimisation step on a random batch; returns the (detached) training loss."""
+        """One optimisation step on a random batch; returns the (detached) training loss (of this
+        rank's slice of the batch, under torchrun: ``self.world.average`` gives the batch's)."""
         block = self.model_config.block_size
         x, y = random_batch(self.splits.train, self.config.batch_size, block, self.data_generator)
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = self.world.shard(x).to(self.device), self.world.shard(y).to(self.device)  # (B/W, T)
         for group in self.optimizer.dense.param_groups:
             group["lr"] = learning_rate(self.step, self.config)
         self.model.train()
         with autocast(self.device, self.config.precision):
-            _, loss = self.model(x, y)
+            _, loss = self._trained_model(x, y)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.clip_grad_norm_(self.config.grad_clip, self.config.value_grad_clip)
@@ -370,7 +391,8 @@ class Trainer:
             self._write_log()
             self._log_evaluation(train_loss=None)
         bar = tqdm(
-            total=self.config.max_steps, initial=self.step, disable=not progress,
+            total=self.config.max_steps, initial=self.step,
+            disable=not (progress and self.world.is_main),
             desc=self.out_dir.name if self.out_dir else "train", unit="step",
         )  # fmt: skip
         clock = time.perf_counter()
@@ -384,7 +406,7 @@ class Trainer:
                 _synchronize(self.device)
                 self.train_seconds += time.perf_counter() - clock
                 speed = self.tokens_seen / self.train_seconds
-                train_loss = self._finite("training", float(loss))
+                train_loss = self._finite("training", float(self.world.average(loss)))
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{speed:,.0f}")
                 if evaluate_now:
                     self._log_evaluation(train_loss=train_loss)
@@ -399,8 +421,13 @@ class Trainer:
     def _evaluate(self, tokens: torch.Tensor, max_tokens: int | None) -> dict:
         return evaluate(
             self.model, tokens, self.config.batch_size, max_tokens, self.splits.tokenizer,
-            self.config.precision,
+            self.config.precision, self.world,
         )  # fmt: skip
+
+    @property
+    def _writes_files(self) -> bool:
+        """Whether this process writes the run's files: it has a run directory and is rank 0."""
+        return self.out_dir is not None and self.world.is_main
 
     def _finite(self, what: str, loss: float) -> float:
         """``loss`` if it is finite, else stop with a message naming the step and what is kept."""
@@ -430,14 +457,14 @@ class Trainer:
             "train_seconds": self.train_seconds,
         }
         self.history.append(record)
-        if self.out_dir is not None:
+        if self._writes_files:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with (self.out_dir / LOG).open("a") as log:
                 log.write(json.dumps(record) + "\n")
 
     def _write_log(self) -> None:
         # Rewrites log.jsonl from ``history``: drops records written after the last checkpoint.
-        if self.out_dir is not None:
+        if self._writes_files:
             lines = "".join(json.dumps(record) + "\n" for record in self.history)
             atomic_write(self.out_dir / LOG, lambda path: path.write_text(lines))
 
@@ -470,7 +497,7 @@ class Trainer:
                 )
             ],
         }
-        if self.out_dir is not None:
+        if self._writes_files:
             final = {**run_configs(self.model_config, self.config), "metrics": metrics}
             text = json.dumps(final, indent=2) + "\n"
             atomic_write(self.out_dir / FINAL, lambda path: path.write_text(text))
@@ -479,11 +506,15 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Save everything a resume needs (default ``<out_dir>/checkpoint.pt``), atomically."""
+        """Save everything a resume needs (default ``<out_dir>/checkpoint.pt``), atomically.
+
+        Under torchrun every rank calls it (it gathers their random states) and rank 0 writes.
+        """
         path = self._checkpoint_path(path)
-        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        ranks = self.world.gather(self._process_rng_state())  # every rank's dropout stream
+        rng = {**ranks[0], "data": self.data_generator.get_state()}
+        if self.world.distributed:
+            rng["ranks"] = ranks
         state = {
             "format": _CHECKPOINT_FORMAT,
             **run_configs(self.model_config, self.config),
@@ -498,9 +529,18 @@ class Trainer:
             "history": self.history,
             "rng": rng,
         }
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        if self.world.is_main:
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        self.world.barrier()  # no rank goes on (or reads it) before it is written
         self.last_checkpoint = (path, self.step)
         return path
+
+    def _process_rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's global random state (dropout draws from it), CPU and CUDA."""
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_checkpoint(self, path: str | os.PathLike[str] | None = None) -> None:
         """Restore a checkpoint of the same configuration: the run goes on exactly as if never
@@ -520,10 +560,16 @@ class Trainer:
         self.step, self.train_seconds = state["step"], state["train_seconds"]
         self.history = list(state["history"])
         self.last_checkpoint = (path, self.step)
-        torch.set_rng_state(state["rng"]["torch"])
         self.data_generator.set_state(state["rng"]["data"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        # Each rank's own random state; a rank the checkpoint did not have starts a fresh stream.
+        ranks = state["rng"].get("ranks", [state["rng"]])
+        if self.world.rank < len(ranks):
+            own = ranks[self.world.rank]
+            torch.set_rng_state(own["torch"])
+            if "cuda" in own and self.device.type == "cuda":
+                torch.cuda.set_rng_state(own["cuda"], self.device)
+        else:
+            torch.manual_seed(self.config.seed + self.world.rank)
         self._write_log()
 
     def _checkpoint_path(self, path: str | os.PathLike[str] | None) -> Path:
@@ -619,15 +665,16 @@ def train(
     """
     out_dir = Path(out_dir)
     created = outermost_missing(out_dir)
+    main = World.current().is_main  # under torchrun, rank 0 alone writes and removes files
     try:
         trainer = Trainer(model_config, train_config, out_dir, splits)
         if resume:
             trainer.load_checkpoint()
-        else:
+        elif main:
             (out_dir / FINAL).unlink(missing_ok=True)
         return trainer.fit(progress)
     except BaseException:  # Ctrl-C too
-        if not (out_dir / CHECKPOINT).exists():
+        if main and not (out_dir / CHECKPOINT).exists():
             remove_created(out_dir, created)
         raise
 

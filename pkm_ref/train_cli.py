@@ -4,7 +4,8 @@ Taught in ``notebooks/05_train_pkm_lm.ipynb``. Sizes default to the runtime prof
 (``ModelConfig.for_profile``, ``TrainConfig.for_profile``); every flag overrides one of them.
 The run goes to ``--out`` (default ``runs/<profile>/<model>``): ``checkpoint.pt``, ``log.jsonl``
 and ``final.json``. ``--resume`` continues an interrupted run exactly; Ctrl-C prints the command
-that does it.
+that does it. Under ``torchrun --nproc_per_node N -m pkm_ref train ...`` the run trains on N
+processes (``pkm_ref.distributed``); ``--batch-size`` stays the global batch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from pkm_ref._files import check_writable
 from pkm_ref.cli import Interrupted
 from pkm_ref.data import available_corpora, load_corpus
+from pkm_ref.distributed import World, init_from_environment, launcher
 from pkm_ref.experiment import default_runs_dir, run_name
 from pkm_ref.model import MEMORY_KINDS, VALUE_DTYPES, ModelConfig, middle_layer
 from pkm_ref.profiles import (
@@ -139,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--resume continues the run in --out and --force starts it over: "
                          "pass one of them")  # fmt: skip
     model_config, train_config = build_configs(args, profile)
+    world = init_from_environment(train_config.device)  # under torchrun: join the others
     splits = load_corpus(args.corpus, args.tokenizer, args.seed, train_config.max_chars)
     model_config = dataclasses.replace(model_config, vocab_size=splits.tokenizer.vocab_size)
     out = args.out or default_runs_dir() / profile / run_name(model_config)
@@ -149,10 +152,14 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.resume and not (out / CHECKPOINT).exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {out / CHECKPOINT}")
-    print(f"profile {profile}: training {run_name(model_config)} into {out}")
+    if world.is_main:
+        print(f"profile {profile}: training {run_name(model_config)} into {out}")
     try:
         metrics = train(model_config, train_config, out, splits, args.resume, not args.quiet)
     except KeyboardInterrupt:
+        if not world.is_main:
+            raise Interrupted(f"rank {world.rank} of {world.size} stopped; rank 0 says how to "
+                              "resume") from None  # fmt: skip
         step = resumable_step(out, model_config, train_config)
         if step is None:
             raise Interrupted(
@@ -161,19 +168,24 @@ def run(args: argparse.Namespace) -> int:
             ) from None
         raise Interrupted(
             f"the last checkpoint, step {step}, is in {out / CHECKPOINT}; resume with: "
-            f"{resume_command(args, profile, out)}"
+            f"{resume_command(args, profile, out, world)}"
         ) from None
-    print(json.dumps(metrics, indent=2))
+    if world.is_main:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 
-def resume_command(args: argparse.Namespace, profile: str, out: Path) -> str:
+def resume_command(
+    args: argparse.Namespace, profile: str, out: Path, world: World | None = None
+) -> str:
     """The command line that continues this run: every option given, the profile and the folder
-    spelled out, and ``--resume`` in place of ``--force``."""
+    spelled out, and ``--resume`` in place of ``--force``; under torchrun on as many processes
+    (``world``)."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     defaults = vars(parser.parse_args([]))
-    words = ["pkm-ref", "train", "--profile", profile, "--out", str(out), "--resume"]
+    words = [*launcher(world or World()), "train", "--profile", profile, "--out", str(out)]
+    words.append("--resume")
     for name, value in vars(args).items():
         # Left out: what is spelled out above, defaults, and names that are no option of train.
         if name in ("profile", "out", "resume", "force") or value == defaults.get(name, value):
