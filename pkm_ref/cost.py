@@ -16,6 +16,16 @@ fast path scores only the ~k*ln(k) candidates of ``pkm_ref.search.staircase`` (1
 ``ProductKeyMemory``, an FFN of two Linear layers): the notebook checks that. Bytes: ``value_bytes``
 is what one token reads on its own (its value rows); ``batch_bytes`` is what a whole batch reads
 once, whatever its size (a memory's keys, an FFN's weights).
+
+Communication, per process and training step, with W processes (``sharded_read_bytes``,
+``all_reduce_bytes``): a value table split by rows over the processes (``pkm_ref.sharded_values``)
+sends, for T tokens per process, J = H * k reads per token and values of D numbers,
+
+    forward   J*T*(W-1)/W pairs (slot + weight) + (W-1)*T partial sums of D numbers
+    backward  (W-1)*T partial-sum gradients of D numbers + one number per pair
+
+while a replicated table (data parallelism) all-reduces its dense gradient, N*D numbers: a ring
+all-reduce sends 2*(W-1)/W * N*D per process. Sharding sends less once N > W*T (plus ~2*J*T/D).
 """
 
 from __future__ import annotations
@@ -135,3 +145,61 @@ def product_vs_flat_speedup(n_slots: int, k_dim: int = 128, knn: int = 32) -> fl
     knn = _checks.knn_within(knn, n_slots, "the number of slots n_slots")
     k_half = min(knn, n_keys)
     return (n_slots * k_dim) / (n_keys * k_dim + k_half * k_half)
+
+
+@dataclass(frozen=True)
+class ReadTraffic:
+    """Bytes one process sends to the others in one training step of a sharded value read."""
+
+    forward: int
+    backward: int
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+
+def sharded_read_bytes(
+    tokens: int, reads: int, output_dim: int, world_size: int, remote_reads: float | None = None,
+    dtype_bytes: int = 4, index_bytes: int = 8,
+) -> ReadTraffic:  # fmt: skip
+    """What ``ShardedValues`` sends from one process per step, every process reading ``tokens``.
+
+    Args:
+        tokens: T, tokens (rows of the layer's input) on each process.
+        reads: J, slots read per token (heads * knn).
+        output_dim: D, numbers per value.
+        world_size: W, processes sharing the table.
+        remote_reads: reads of this process whose slot lives on another process (and, the same
+            number, reads of other processes whose slot lives here). Default: the expected
+            J*T*(W-1)/W of slots spread evenly over the processes.
+        dtype_bytes: bytes per value number and per weight (4 for float32).
+        index_bytes: bytes per slot code and per count (int64: 8).
+
+    Forward: the plan (a pair count and a token count to each other process), every remote
+    (slot, weight) pair, and one partial sum of D numbers per token of each other process.
+    Backward: the gradients of those partial sums, and of the weights of the pairs received.
+    """
+    tokens = _checks.nonnegative_int("tokens", tokens)
+    reads = _checks.positive_int("reads", reads)
+    output_dim = _checks.positive_int("output_dim", output_dim)
+    world_size = _checks.positive_int("world_size", world_size)
+    others = world_size - 1
+    if remote_reads is None:
+        remote_reads = reads * tokens * others / world_size
+    partial_sums = others * tokens * output_dim * dtype_bytes
+    return ReadTraffic(
+        forward=round(2 * others * index_bytes + remote_reads * (index_bytes + dtype_bytes))
+        + partial_sums,
+        backward=round(remote_reads * dtype_bytes) + partial_sums,
+    )
+
+
+def all_reduce_bytes(numbers: int, world_size: int, dtype_bytes: int = 4) -> float:
+    """Bytes one process sends in a ring all-reduce of ``numbers`` numbers over ``world_size``
+    processes (NCCL's algorithm for large tensors): 2 * (W-1)/W * numbers * dtype_bytes, half in
+    the reduce-scatter, half in the all-gather. Data parallelism pays it for every dense gradient,
+    a replicated value table's included."""
+    numbers = _checks.nonnegative_int("numbers", numbers)
+    world_size = _checks.positive_int("world_size", world_size)
+    return 2 * (world_size - 1) / world_size * numbers * dtype_bytes

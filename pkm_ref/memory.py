@@ -17,6 +17,8 @@ the rows that were read. ``compiled_read=True`` reads with ``gather_sum`` fused 
 ``torch.compile`` instead: about twice the bandwidth of EmbeddingBag on an H200, slower on CPU
 (``python -m pkm_ref bench retrieval`` measures both). ``value_dtype=torch.bfloat16`` stores the
 table in bfloat16: half the bytes per read, sums and output still in float32.
+``pkm_ref.sharded_values.shard_values(memory)`` splits the table by rows over the processes of a
+``torch.distributed`` group; each row is then read on the process that holds it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pkm_ref import _checks
 from pkm_ref.query import QueryNetwork
 from pkm_ref.read import read_bags
 from pkm_ref.search import flat_topk, product_topk
+from pkm_ref.sharded_values import ShardedValues
 
 # Value tables: float32, or bfloat16 for half the bytes of every read (see ``pkm_ref.optim`` for
 # how SplitOptimizer trains a bfloat16 table through a float32 master copy).
@@ -139,10 +142,13 @@ class _KeyValueMemory(nn.Module):
         # Sum over heads and knn: the heads share one table.
         bags = indices.reshape(n_rows, reads)  # (N, H * knn)
         bag_weights = weights.reshape(n_rows, reads)  # (N, H * knn), float32 even for bf16 values
-        method = "compiled" if self.compiled_read else "embedding_bag"
-        out = read_bags(  # (N, output_dim), float32 for float32 and bfloat16 tables
-            self.values.weight, bags, bag_weights, method, self.sparse
-        )
+        if isinstance(self.values, ShardedValues):  # rows read where they live: shard_values
+            out = self.values(bags, bag_weights)  # (N, output_dim)
+        else:
+            method = "compiled" if self.compiled_read else "embedding_bag"
+            out = read_bags(  # (N, output_dim), float32 for float32 and bfloat16 tables
+                self.values.weight, bags, bag_weights, method, self.sparse
+            )
         out = F.dropout(out, self.value_dropout, self.training)  # (N, output_dim)
 
         if self.record_usage and not self.training:

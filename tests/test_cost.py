@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from pkm_ref import FlatKeyMemory, ProductKeyMemory, ffn_cost, flat_memory_cost, product_memory_cost
-from pkm_ref.cost import product_vs_flat_speedup
+from pkm_ref.cost import all_reduce_bytes, product_vs_flat_speedup, sharded_read_bytes
 
 
 def n_params(module: nn.Module) -> int:
@@ -53,3 +53,27 @@ def test_active_parameters_are_a_sliver_of_a_large_memory():
     cost = product_memory_cost(256, 256, n_keys=512)
     assert cost.parameters == n_params(ProductKeyMemory(256, 256, n_keys=512))
     assert cost.active_parameters < cost.parameters / 50
+
+
+def test_a_sharded_read_sends_pairs_and_partial_sums():
+    """Per rank and step: the plan, 12 bytes per remote pair and one partial sum of D floats per
+    token of each other rank forward; the partial sums' gradients and 4 bytes per pair back."""
+    traffic = sharded_read_bytes(tokens=10, reads=8, output_dim=16, world_size=4)
+    remote = 10 * 8 * 3 / 4  # reads spread evenly: 3 in 4 live elsewhere
+    assert traffic.forward == 2 * 3 * 8 + remote * 12 + 3 * 10 * 16 * 4
+    assert traffic.backward == remote * 4 + 3 * 10 * 16 * 4
+    assert traffic.total == traffic.forward + traffic.backward
+    assert sharded_read_bytes(10, 8, 16, world_size=1).total == 0  # nothing leaves one process
+
+
+def test_sharding_pays_off_when_the_table_has_more_rows_than_a_step_has_tokens():
+    """The sharded read against the all-reduce of a replicated table's dense gradient: about
+    (W*T + 2*J*T/D) / N, so below 1 once N > W*T; the paper's table at the gpu profile's step
+    (262,144 rows, 16,384 tokens over 8 ranks) sends ~15 times less."""
+    world, dim, reads = 8, 512, 4 * 32
+    tokens = 64 * 256 // world  # per rank
+    for n_rows, low, high in [(512**2, 13, 17), (world * tokens, 0.9, 1.1)]:
+        replicated = all_reduce_bytes(n_rows * dim, world)
+        ratio = replicated / sharded_read_bytes(tokens, reads, dim, world).total
+        assert low < ratio < high
+    assert all_reduce_bytes(1000, 2) == 1000 * 4  # ring: half out in each of two phases
