@@ -3,10 +3,10 @@
 Not taught in a notebook (a notebook is one process): see the README's "More than one GPU".
 
 Data parallelism copies the whole value table to every process, and the table is most of a memory
-model's parameters (262,144 x 512 floats, 512 MiB with Adam's states, at the paper's size). Here
-rank r of W keeps only the rows ``i`` with ``i % W == r`` (row ``i`` is its local row ``i // W``):
-1/W of the table, of its gradient and of its optimizer states per process. Consecutive slots go to
-different ranks, so the reads of a step spread over them evenly.
+model's parameters (at the paper's size 262,144 x 512 floats: 512 MiB, 2 GiB with its gradient and
+Adam's two states). Here rank r of W keeps only the rows ``i`` with ``i % W == r`` (its local row
+``i // W``): 1/W of the table, of its gradient and of its optimizer states per process.
+Consecutive slots go to different ranks, so the reads of a step spread over them evenly.
 
 **Routing.** A read is, per token t, ``out[t] = sum_j w[t, j] * values[i[t, j]]`` over the J = H
 * knn slots the token selected. Each rank holds its own tokens (data parallelism) and:
@@ -32,12 +32,13 @@ all-reduces the dense table gradient: a ring all-reduce sends 2 (W-1)/W * N * 4D
 (``cost.all_reduce_bytes``). So, neglecting the pairs (J/D is small), the sharded read sends less
 as soon as the table has more rows than a step has tokens over all ranks, N > W * T, and holds 1/W
 of the table's memory at any size. The paper's memory (N = 512² = 262,144 rows) against the gpu
-profile's step (64 x 256 = 16,384 tokens over all ranks) sends about 16 times less. A small table
+profile's step (64 x 256 = 16,384 tokens over all ranks) sends about 15 times less. A small table
 read by a large batch (N < W * T) is cheaper replicated.
 
 Every rank of the group must run each forward and backward pass of the layer together, even with
-no token to read. ``pkm_ref.SplitOptimizer`` trains the local rows (Adam or SparseAdam) and clips
-their gradient by its own norm, not the norm over all ranks.
+no token to read. The sizes of each exchange are read on the host (all_to_all_single takes them as
+lists): two synchronisations per forward pass on a GPU. ``pkm_ref.SplitOptimizer`` trains the local
+rows (Adam or SparseAdam) and clips their gradient by its own norm, not the norm over all ranks.
 """
 
 from __future__ import annotations
