@@ -19,6 +19,7 @@ import pickle
 import queue
 import socket
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -28,14 +29,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _loopback_interface() -> str:
+def loopback_interface() -> str:
     """The name of the loopback network interface ("lo" on Linux, "lo0" on macOS)."""
     names = [name for _, name in socket.if_nameindex()]
     return next((name for name in names if name.startswith("lo")), "lo")
 
 
-def _rank_main(rank, world_size, store_file, timeout, function, args, results) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()  # gloo: no other interface
+def _rank_main(
+    rank: int, world_size: int, store_file: Path, timeout: float, function: Callable, args: tuple,
+    results,
+) -> None:  # fmt: skip
+    os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()  # gloo: no other interface
     torch.set_num_threads(1)  # the ranks share the machine's cores
     try:
         dist.init_process_group(
@@ -68,10 +72,10 @@ def run_on_ranks(
         for process in processes:
             process.start()
         outputs: dict[int, object] = {}
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        deadline = time.monotonic() + timeout
         try:
             while len(outputs) < world_size:
-                left = (deadline - datetime.datetime.now()).total_seconds()
+                left = deadline - time.monotonic()
                 try:
                     rank, output, error = results.get(timeout=max(left, 0.01))
                 except queue.Empty:

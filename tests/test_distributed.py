@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ranks import run_on_ranks
+from ranks import loopback_interface, run_on_ranks
 
 from pkm_ref import cli
 from pkm_ref.data import CorpusSplits, load_corpus
@@ -207,7 +207,7 @@ def test_torchrun_trains_from_the_command_line(tmp_path: Path) -> None:
         "-m", "pkm_ref", "train", "--profile", "smoke", "--memory-layers", "mid", "--steps", "4",
         "--out", str(out), "--quiet",
     ]  # fmt: skip
-    loopback = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    loopback = {"GLOO_SOCKET_IFNAME": loopback_interface(), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         command, env={**os.environ, **loopback}, capture_output=True, text=True, timeout=240
     )
