@@ -465,14 +465,18 @@ class CorpusSplits:
 def load_corpus(
     name: str = "sotu",
     tokenizer: str = "byte",
-    seed: int = 0,
+    *,
     max_chars: int | None = None,
+    split_seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> CorpusSplits:
     """Load, split and tokenise a corpus; see ``available_corpora()`` for names.
 
-    Corpora without official splits are split by document with ``split_documents(docs, seed)``
-    (90% / 5% / 5%); wikitext-103 and enwik8 use their official splits and ignore ``seed``.
+    Corpora without official splits are split by document with
+    ``split_documents(docs, split_seed)`` (90% / 5% / 5%); wikitext-103 and enwik8 use their
+    official splits and ignore ``split_seed``. The split is part of the corpus, not of a run: a
+    training seed (``TrainConfig.seed``) changes the initialisation and the batch order, never
+    which documents are held out, so runs with several seeds are scored on the same text.
     ``max_chars`` keeps only the first ``max_chars`` characters of each split, after splitting,
     so held-out documents stay held out: a quick slice for smoke runs. The char vocabulary is
     built from all three splits, so held-out text always encodes.
@@ -484,7 +488,7 @@ def load_corpus(
             f"unknown tokenizer {tokenizer!r}; valid tokenizers: {', '.join(_TOKENIZER_NAMES)}"
         )
     documents = _LOADERS[name](_cache_root(cache_dir))
-    parts = documents if isinstance(documents, tuple) else split_documents(documents, seed)
+    parts = documents if isinstance(documents, tuple) else split_documents(documents, split_seed)
     texts = [_join(part, max_chars) for part in parts]
     tok = get_tokenizer(tokenizer, "".join(texts) if tokenizer == "char" else None)
     train, validation, test = (tok.encode(text) for text in texts)

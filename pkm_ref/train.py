@@ -87,18 +87,22 @@ class TrainConfig:
         """Defaults sized for ``profile`` ("smoke", "cpu" or "gpu"), then ``overrides``; the
         device is the profile's own (``profiles.profile_device_name``).
 
-        Learning rates: short runs of small models learn faster with a dense rate of 3e-3 (cpu;
-        2.14 vs 2.36 bits per byte for the 2-layer model at 1e-3). The values keep the paper's
-        principle, a constant rate above the dense one (paper: 1e-3 vs 1e-4): at the cpu scale,
-        1e-2 instead of 1e-3 took the memory model from 2.09 to 1.97 bits per byte and its slot
-        usage from 74 % to 99 % (notebook 05).
+        cpu: 200 steps per run, so that ``pkm-ref compare`` trains its five models with three
+        seeds each in about the time one seed of 600 steps took (see the README for what the
+        shorter runs cost in evidence).
+
+        Learning rates: short runs of small models learn faster with a dense rate of 3e-3 (cpu,
+        600-step runs: 2.14 vs 2.36 bits per byte for the 2-layer model at 1e-3). The values keep
+        the paper's principle, a constant rate above the dense one (paper: 1e-3 vs 1e-4): at the
+        cpu scale, 1e-2 instead of 1e-3 took the memory model from 2.09 to 1.97 bits per byte and
+        its slot usage from 74 % to 99 % (notebook 05, 600-step runs).
         """
         sizes = by_profile(
             smoke=dict(max_chars=60_000, batch_size=8, max_steps=12, warmup_steps=2,
                        eval_interval=6, eval_tokens=2_048, final_eval_tokens=4_096,
                        speed_repeats=2),
-            cpu=dict(batch_size=16, max_steps=600, warmup_steps=60, eval_interval=75,
-                     eval_tokens=32_768, final_eval_tokens=131_072,
+            cpu=dict(batch_size=16, max_steps=200, warmup_steps=20, eval_interval=50,
+                     eval_tokens=16_384, final_eval_tokens=65_536,
                      lr=3e-3, min_lr=3e-4, value_lr=1e-2),
             gpu=dict(batch_size=64, max_steps=1000, warmup_steps=100, eval_interval=100,
                      eval_tokens=262_144, final_eval_tokens=None, precision="bfloat16",
@@ -302,7 +306,8 @@ class Trainer:
     """Trains one ``LanguageModel`` on one corpus; resumable from its run directory.
 
     ``splits`` may be passed in so that several trainers share one loaded corpus; otherwise it is
-    loaded from ``train_config`` (corpus, tokenizer, seed, max_chars).
+    loaded from ``train_config`` (corpus, tokenizer, max_chars). ``train_config.seed`` sets the
+    initial weights and the batch order; the split does not depend on it.
     """
 
     def __init__(
@@ -317,11 +322,10 @@ class Trainer:
         self.world = World.current()  # one process, or all those torchrun started
         self.world.local_batch_size(train_config.batch_size)  # must split evenly over them
         self.device = self.world.device(resolve_device(train_config.device))
-        if splits is None:
+        if splits is None:  # the seed is not passed: every seed trains and scores on one split
             splits = load_corpus(
-                train_config.corpus, train_config.tokenizer, train_config.seed,
-                train_config.max_chars,
-            )  # fmt: skip
+                train_config.corpus, train_config.tokenizer, max_chars=train_config.max_chars
+            )
         if splits.tokenizer.vocab_size != model_config.vocab_size:
             raise ValueError(
                 f"the {splits.tokenizer_name} tokenizer of {splits.name!r} has "

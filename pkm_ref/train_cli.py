@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                          "pass one of them")  # fmt: skip
     model_config, train_config = build_configs(args, profile)
     world = init_from_environment(train_config.device)  # under torchrun: join the others
-    splits = load_corpus(args.corpus, args.tokenizer, args.seed, train_config.max_chars)
+    splits = load_corpus(args.corpus, args.tokenizer, max_chars=train_config.max_chars)
     model_config = dataclasses.replace(model_config, vocab_size=splits.tokenizer.vocab_size)
     out = args.out or default_runs_dir() / profile / run_name(model_config)
     check_writable(out, "choose another --out")

@@ -117,16 +117,16 @@ def test_split_documents_needs_a_document_per_split() -> None:
 
 
 def test_load_sotu_holds_out_whole_speeches(sotu_documents: list[str]) -> None:
-    splits = load_corpus("sotu", seed=0)
+    splits = load_corpus("sotu")
     assert (splits.name, splits.tokenizer_name) == ("sotu", "byte")
     assert splits.train.dtype == torch.uint8 and splits.train.dim() == 1
     _, validation_docs, test_docs = split_documents(sotu_documents, seed=0)
     assert splits.tokenizer.decode(splits.validation) == "\n\n".join(validation_docs)
     train_text = splits.tokenizer.decode(splits.train)
     assert all(doc not in train_text for doc in validation_docs + test_docs)
-    again = load_corpus("sotu", seed=0)
+    again = load_corpus("sotu", split_seed=0)
     assert torch.equal(again.train, splits.train) and torch.equal(again.test, splits.test)
-    assert not torch.equal(load_corpus("sotu", seed=1).validation, splits.validation)
+    assert not torch.equal(load_corpus("sotu", split_seed=1).validation, splits.validation)
 
 
 def test_max_chars_limits_each_split() -> None:
