@@ -3,7 +3,7 @@
 Taught in ``notebooks/06_complexity_and_speed.ipynb``, which loads the committed results.
 
     python -m pkm_ref bench retrieval|layer|model|all [--profile smoke|cpu|gpu]
-        [--device cpu|cuda] [--sizes 12 14 16 ...] [--repeat N] [--threads N]
+        [--device cpu|cuda] [--sizes 12 14 16 ...] [--repeat N] [--rounds N] [--threads N]
 
 ``--sizes`` are exponents e of the number of slots N = 2^e (even, so that n_keys = 2^(e/2)).
 Every case uses the paper's retrieval setting: d_model 256, k_dim 128, 4 heads, knn 32, float32.
@@ -17,15 +17,19 @@ Every case uses the paper's retrieval setting: d_model 256, k_dim 128, 4 heads, 
 * ``model``: inference tokens/s of the language model vs memory size with flat and product keys
   (the paper's speed figure), and dense L layers vs dense 2L vs L layers + a memory.
 
-Every time is the median of ``repeat`` runs after a warm-up, with the interquartile range; GPU runs
-are timed with CUDA events, CPU runs with a fixed, recorded thread count. Each run also measures
-the machine's limits, memory bandwidth (bytes/s) and matmul throughput (FLOP/s), so that
-the product layer can be compared with its lower bound:
+A bench runs ``rounds`` times in one command, each round a complete, independent measurement
+(fresh inputs and modules, the machine's limits measured again). Within a round every time is the
+median of ``repeat`` runs after a warm-up; GPU runs are timed with CUDA events, CPU runs with a
+fixed, recorded thread count. Every number of the results is the mean over the rounds with its 95 %
+interval (``pkm_ref.stats``), and every ratio is taken within a round, then averaged. Each round
+also measures the machine's limits, memory bandwidth (bytes/s) and matmul throughput (FLOP/s), so
+that the product layer can be compared with its lower bound:
 
     bound = value bytes read / bandwidth + (query + sub-key) FLOPs / matmul throughput.
 
 Results go through ``pkm_ref.figures`` (``bench_<name>.json``/``.md``/``.png``). The issue's goals
-are printed as met / not met; benchmarks are measurements, never timed tests.
+are printed as met (the whole interval clears the target), not met (the whole interval misses it)
+or within noise; benchmarks are measurements, never timed tests.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pkm_ref import cost, figures
+from pkm_ref import cost, figures, stats
 from pkm_ref.memory import ProductKeyMemory
 from pkm_ref.profiles import (
     add_device_argument,
@@ -66,7 +70,8 @@ class Settings:
     device: torch.device
     sizes: tuple[int, ...]  # exponents e: N = 2^e slots
     queries: int  # tokens per retrieval or layer call
-    repeat: int
+    repeat: int  # timed runs per measurement in a round (their median)
+    rounds: int  # independent repetitions of the whole bench (the spread of the results)
     flat_queries: int  # flat search runs on this many of the queries, scaled to ``queries``
     flat_max_exponent: int  # no flat keys beyond 2^this slots (time and memory)
     model_flat_max_exponent: int
@@ -81,16 +86,23 @@ class Settings:
 
 
 def default_settings(profile: str, device: torch.device) -> Settings:
-    """smoke: every code path in seconds; cpu: a few minutes on 2 cores; gpu: minutes on an H100."""
+    """smoke: every code path in seconds; cpu: about five minutes for the three benches on 2
+    cores, peak memory under 6 GB; gpu: minutes on an H100.
+
+    cpu measures three sizes (2^12, 2^16, 2^20: the ends the goals compare, and the middle) in
+    three rounds of two timed runs each, flat keys on 64 queries and in the language model up to
+    2^16 slots: three rounds cost about what one round of five sizes did.
+    """
     return Settings(
         profile=profile,
         device=device,
-        sizes=by_profile((8, 10), (12, 14, 16, 18, 20), (12, 14, 16, 18, 20, 22, 24), profile),
+        sizes=by_profile((8, 10), (12, 16, 20), (12, 14, 16, 18, 20, 22, 24), profile),
         queries=by_profile(256, 4096, 4096, profile),
-        repeat=by_profile(2, 5, 10, profile),
-        flat_queries=by_profile(256, 256, 1024, profile),
+        repeat=by_profile(2, 2, 5, profile),
+        rounds=by_profile(2, 3, 3, profile),
+        flat_queries=by_profile(256, 64, 1024, profile),
         flat_max_exponent=by_profile(10, 20, 24, profile),
-        model_flat_max_exponent=by_profile(10, 18, 22, profile),
+        model_flat_max_exponent=by_profile(10, 16, 22, profile),
         optimizer_max_exponent=by_profile(10, 20, 22, profile),
         model_batch=by_profile((2, 32), (4, 256), (32, 256), profile),
         bandwidth_bytes=by_profile(1 << 25, 1 << 30, 1 << 32, profile),
@@ -222,62 +234,115 @@ def scale_to_measured(model: list[float], measured: list[float | None]) -> list[
 
 @dataclass(frozen=True)
 class Goal:
-    """One of the issue's speed goals: ``value`` must be <= or >= ``target``."""
+    """One of the issue's speed goals: ``value`` must be <= or >= ``target``.
+
+    ``value`` holds one measurement per round; the goal is met only when its whole 95 % interval
+    clears the target (``stats.goal``).
+    """
 
     text: str
-    value: float | None  # None when this run did not measure it
+    value: stats.Estimate | None  # None when this run did not measure it
     target: float
     at_most: bool
 
     @property
-    def met(self) -> bool | None:
+    def status(self) -> stats.GoalStatus | None:
+        """``met``, ``not met``, ``within noise``, or None when not measured."""
         if self.value is None:
             return None
-        return self.value <= self.target if self.at_most else self.value >= self.target
+        return stats.goal(self.value, self.target, self.at_most)
 
     def line(self) -> str:
         sign = "<=" if self.at_most else ">="
         if self.value is None:
             return f"goal {self.text} {sign} {self.target:g}: not measured in this run"
-        verdict = "met" if self.met else "NOT met"
-        return f"goal {self.text} {sign} {self.target:g}: {self.value:.3g} -> {verdict}"
+        value = self.value
+        if value.n < 2:
+            spread = "one round: no interval"
+        else:
+            spread = f"95 % interval {value.low:.3g} to {value.high:.3g}, {value.n} rounds"
+        return (f"goal {self.text} {sign} {self.target:g}: {value.mean:.3g} ({spread}) -> "
+                f"{self.status}")  # fmt: skip
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator and denominator else None
+def _ratio(
+    numerator: stats.Estimate | None, denominator: stats.Estimate | None
+) -> stats.Estimate | None:
+    """numerator / denominator within each round, or None when either was not measured."""
+    if numerator is None or denominator is None:
+        return None
+    return stats.ratio(numerator, denominator)
 
 
 # --- Rows ----------------------------------------------------------------------------------------
 
 
 def _row(case: str, slots: int | None, timing: Timing | None, **extra: float | None) -> dict:
-    """One measurement: a case at a memory size, in milliseconds (None: not measured)."""
+    """One measurement of one round: a case at a memory size, the median time in milliseconds
+    (None: not measured) and the number of timed runs it is the median of."""
     return {
         "case": case,
         "slots": slots,
         "median_ms": None if timing is None else timing.median_s * 1e3,
-        "iqr_ms": None if timing is None else timing.iqr_s * 1e3,
         "runs": None if timing is None else timing.runs,
         **extra,
     }
 
 
-def lookup(rows: list[dict], case: str, slots: int | None, column: str = "median_ms"):
-    """The ``column`` of the row for (case, slots), or None."""
+# Columns that name a measurement or describe how it was taken: equal in every round.
+_LABELS = ("case", "slots", "runs", "timed_queries")
+
+
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """The rows of several rounds as one table: each measured number becomes a ``stats.Estimate``
+    over the rounds (as JSON; None when some round did not measure it), ``rounds`` says how many.
+    """
+    combined = []
+    for same in zip(*rounds, strict=True):  # the same measurement in every round
+        first = same[0]
+        if any((r["case"], r["slots"]) != (first["case"], first["slots"]) for r in same):
+            raise ValueError("rounds measured different cases: they cannot be combined")
+        row = {key: first[key] for key in first if key in _LABELS}
+        for key in first:
+            if key not in _LABELS:
+                values = [r[key] for r in same]
+                measured = all(v is not None for v in values)
+                row[key] = stats.Estimate.of(values).to_json() if measured else None
+        combined.append({**row, "rounds": len(same)})
+    return combined
+
+
+def lookup(
+    rows: list[dict], case: str, slots: int | None, column: str = "median_ms"
+) -> stats.Estimate | None:
+    """The ``column`` of the row for (case, slots) as an Estimate, or None (not measured).
+
+    Reads results of any version: a plain number (written before rounds existed) is one value.
+    """
     for row in rows:
         if row["case"] == case and row["slots"] == slots:
-            return row[column]
+            return stats.read(row.get(column))
     return None
+
+
+def errorbar(ax, xs: list, estimates: list[stats.Estimate], style: str, **options) -> None:
+    """Means with bars from the lowest to the highest round: the spread the figures show (the
+    tables give the 95 % interval). Always positive, so it suits log axes."""
+    means = [e.mean for e in estimates]
+    spread = [[m - min(e.values) for m, e in zip(means, estimates, strict=True)],
+              [max(e.values) - m for m, e in zip(means, estimates, strict=True)]]  # fmt: skip
+    ax.errorbar(xs, means, yerr=spread, fmt=style, **{"capsize": 2, **options})
 
 
 def plot_case(
     ax, rows: list[dict], case: str, style: str, column: str = "median_ms", **options
 ) -> None:
-    """Draw ``column`` against slots for the measured rows of ``case``."""
-    points = sorted((row["slots"], row[column]) for row in rows
-                    if row["case"] == case and row["slots"] and row[column])  # fmt: skip
+    """Draw ``column`` against slots for the measured rows of ``case`` (mean, min-max bars)."""
+    points = sorted((row["slots"], lookup(rows, case, row["slots"], column)) for row in rows
+                    if row["case"] == case and row["slots"] and row.get(column))  # fmt: skip
     if points:
-        ax.plot(*zip(*points, strict=True), style, **{"label": case, **options})
+        slots, estimates = zip(*points, strict=True)
+        errorbar(ax, list(slots), list(estimates), style, **{"label": case, **options})
 
 
 def _uniform(bound: float, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -369,13 +434,17 @@ def retrieval_goals(rows: list[dict], meta: dict) -> list[Goal]:
     goals = [Goal("flat / product at 2^20 slots", flat_over_product, 100 if gpu else 150, False)]
     if gpu:
         reads = {case: lookup(rows, case, slots, "GBps") for case in RETRIEVAL_CASES[3:]}
-        best = max(reads, key=lambda case: reads[case] or 0.0)
-        share = _ratio(reads[best], meta["memory_bandwidth_GBps"])
+        best = max(reads, key=lambda case: reads[case].mean if reads[case] else 0.0)
+        bandwidth = meta["memory_bandwidth_GBps"]  # the mean of the rounds' probes
+        share = None if reads[best] is None else stats.Estimate.of(
+            value / bandwidth for value in reads[best].values
+        )  # fmt: skip
         goals.append(Goal(f"{best} / memory bandwidth at 2^20", share, 0.5, False))
     return goals
 
 
 def retrieval_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """Means over the rounds (``format_table`` prints them); ratios are taken within rounds."""
     header = ["slots", "flat ms", "ref ms", "product ms", "flat/product", "ref/product",
               "read GB/s", "compiled GB/s"]  # fmt: skip
     lines = []
@@ -399,7 +468,7 @@ def plot_retrieval(rows: list[dict], meta: dict):
         plot_case(ax, rows, case, style, color=f"C{i}", label=label)
     for kind, case, color, label in (("flat", "flat keys", "C0", "O(N)"),
                                      ("product", "product keys", "C2", "O(√N + k²)")):  # fmt: skip
-        measured = [lookup(rows, case, n) for n in slots]
+        measured = [None if e is None else e.mean for e in (lookup(rows, case, n) for n in slots)]
         if any(measured):
             curve = scale_to_measured(analytic_work(kind, slots), measured)
             ax.plot(slots, curve, "--", color=color, alpha=0.5, label=f"cost model: {label}")
@@ -407,7 +476,7 @@ def plot_retrieval(rows: list[dict], meta: dict):
     ax.set(yscale="log", xlabel="memory slots N",
            ylabel=f"time per {meta['queries']} queries (ms)",
            title=f"Retrieval: flat vs product keys ({meta['device']})")  # fmt: skip
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title=_spread_title(rows), title_fontsize=7)
     return fig
 
 
@@ -428,7 +497,11 @@ def train_step_timing(module: nn.Module, x: torch.Tensor, s: Settings) -> Timing
         module.zero_grad(set_to_none=True)
         module(x).square().mean().backward()
 
-    return measure(train_step, s.repeat, s.device)
+    timing = measure(train_step, s.repeat, s.device)
+    # The last step's gradients are not needed: for a 2^20-slot layer the sparse value gradient
+    # alone is 0.5 GB (one row per read: tokens x heads x knn rows of d_model floats).
+    module.zero_grad(set_to_none=True)
+    return timing
 
 
 def value_step_timing(slots: int, sparse: bool, s: Settings) -> Timing:
@@ -455,21 +528,24 @@ def bench_layer(s: Settings, limits: dict) -> list[dict]:
 
     The eval forwards of the FFN and of every memory size are timed in turns
     (``measure_in_turns``), so the size ratios that the goals check compare like with like.
+
+    Memory: every layer is alive for the forwards (1.1 GiB of value tables at cpu sizes); then
+    each is freed after its train step, before the value optimizer steps of its size: a 2^20-row
+    table's Adam step needs 6 GiB on its own (table, dense gradient, Adam's two moments and two
+    temporaries of its update). Keeping every layer alive to the end, with its last gradients,
+    took the cpu bench to 11 GB.
     """
     x = torch.randn(s.queries, D_MODEL, device=s.device)  # (M, d_model)
-    ffn = dense_ffn().to(s.device)
+    ffn = dense_ffn().to(s.device).eval()
     layers = {}
     for exponent in s.sizes:
         with s.device:  # built in place: a 2^24-row value table is 16 GiB to initialise
             layers[2**exponent] = ProductKeyMemory(
                 D_MODEL, D_MODEL, 2 ** (exponent // 2), K_DIM, HEADS, KNN, sparse=True
-            )
-    modules = {None: ffn, **layers}
-    for module in modules.values():
-        module.eval()
+            ).eval()
     with torch.no_grad():
         forwards = measure_in_turns(
-            {slots: (lambda m=module: m(x)) for slots, module in modules.items()},
+            {slots: (lambda m=module: m(x)) for slots, module in {None: ffn, **layers}.items()},
             s.repeat, s.device,
         )  # fmt: skip
     rows = [
@@ -508,7 +584,7 @@ def layer_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     header = ["slots", "fwd ms", "train ms", "bound ms", "fwd/bound", "fwd/FFN fwd",
               "Adam ms", "SparseAdam ms", "Adam/Sparse"]  # fmt: skip
     ffn = lookup(rows, "FFN forward", None)
-    lines = []
+    lines = []  # means over the rounds (format_table), ratios within rounds
     for slots in sorted({row["slots"] for row in rows if row["slots"]}):
         forward, bound = lookup(rows, "product forward", slots), lookup(rows, "lower bound", slots)
         adam = lookup(rows, "value step, Adam", slots)
@@ -527,12 +603,12 @@ def plot_layer(rows: list[dict], meta: dict):
                         ("lower bound", "k:")):  # fmt: skip
         plot_case(left, rows, case, style)
     for case, color in (("FFN forward", "C2"), ("FFN train step", "C3")):
-        left.axhline(lookup(rows, case, None), color=color, ls="--", label=f"dense {case}")
+        left.axhline(lookup(rows, case, None).mean, color=color, ls="--", label=f"dense {case}")
     left.set_xscale("log", base=2)
     left.set(yscale="log", xlabel="memory slots N",
              ylabel=f"time per {meta['queries']} tokens (ms)",
              title="Product-key layer vs the FFN it replaces")  # fmt: skip
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, title=_spread_title(rows), title_fontsize=7)
     for case, style in (("value step, Adam", "o-"), ("value step, SparseAdam", "s-")):
         plot_case(right, rows, case, style)
     right.set_xscale("log", base=2)
@@ -592,8 +668,10 @@ def bench_model(s: Settings, limits: dict) -> list[dict]:
 def model_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     header = ["model", "slots", "tokens/s", "vs dense 4 layers"]
     dense = lookup(rows, "dense, 4 layers", None, "tokens_per_s")
-    lines = [[row["case"], row["slots"], row["tokens_per_s"], _ratio(row["tokens_per_s"], dense)]
-             for row in rows]  # fmt: skip
+    lines = []
+    for row in rows:
+        speed = lookup(rows, row["case"], row["slots"], "tokens_per_s")
+        lines.append([row["case"], row["slots"], speed, _ratio(speed, dense)])
     return header, lines
 
 
@@ -612,10 +690,12 @@ def plot_model(rows: list[dict], meta: dict):
     left.set(yscale="log", xlabel="memory slots N",
              ylabel="inference speed (tokens/s)",
              title="Language model with one memory layer")  # fmt: skip
-    left.legend()
+    left.legend(title=_spread_title(rows), title_fontsize=7)
     bars = [row for row in rows if row["case"].startswith(("dense", "4 layers +"))]
-    right.bar([_bar_label(row) for row in bars],
-              [row["tokens_per_s"] for row in bars], color=["C2", "C3", "C1"])  # fmt: skip
+    speeds = [lookup(rows, row["case"], row["slots"], "tokens_per_s") for row in bars]
+    right.bar([_bar_label(row) for row in bars], [e.mean for e in speeds],
+              color=["C2", "C3", "C1"])  # fmt: skip
+    errorbar(right, [_bar_label(row) for row in bars], speeds, "none", ecolor="black")
     right.set(ylabel="inference speed (tokens/s)", title="Depth vs memory")
     fig.suptitle(f"{meta['device']}, {meta['dtype']}, batch {meta['model_batch']}", fontsize=9)
     fig.tight_layout()
@@ -629,6 +709,12 @@ TITLES = {
     "layer": "Product-key layer vs dense FFN; value optimizer steps",
     "model": "Language model inference speed vs memory size",
 }
+
+
+def _spread_title(rows: list[dict]) -> str:
+    """What the error bars of a bench figure show."""
+    rounds = max((row.get("rounds") or 1 for row in rows), default=1)
+    return f"mean; bars: min-max of {rounds} rounds" if rounds > 1 else "one round"
 
 
 def model_goals(rows: list[dict], meta: dict) -> list[Goal]:
@@ -645,10 +731,21 @@ BENCH_PARTS = {
 
 
 def run_bench(name: str, s: Settings) -> dict:
-    """Measure, print the ratio table and goals, save results and figure; returns the results."""
+    """Measure ``s.rounds`` times, print the ratio table and goals, save results and figure;
+    returns the results."""
     bench, goals_of, table, plot = BENCH_PARTS[name]
     torch.manual_seed(0)
-    limits = machine_limits(s)
+    print(f"\n{TITLES[name]}: {figures.device_name(s.device)}, profile {s.profile}, "
+          f"{s.rounds} rounds")  # fmt: skip
+    rounds, probes = [], []
+    for index in range(s.rounds):
+        probes.append(machine_limits(s))  # the bound of each round uses that round's limits
+        print(f"round {index + 1}/{s.rounds}: memory bandwidth "
+              f"{probes[-1]['memory_bandwidth_GBps']:.1f} GB/s, sgemm "
+              f"{probes[-1]['matmul_GFLOPps']:.0f} GFLOP/s")  # fmt: skip
+        rounds.append(bench(s, probes[-1]))
+    rows = combine_rounds(rounds)
+    limits = {key: statistics.fmean(p[key] for p in probes) for key in probes[0]}
     meta = {
         "device": figures.device_name(s.device),
         "device_type": s.device.type,
@@ -658,18 +755,20 @@ def run_bench(name: str, s: Settings) -> dict:
         "flat_queries": s.flat_queries,  # flat keys are timed on these and scaled to ``queries``
         "model_batch": list(s.model_batch),
         "repeat": s.repeat,
+        "rounds": s.rounds,
         "setting": f"d_model {D_MODEL}, k_dim {K_DIM}, heads {HEADS}, knn {KNN}",
-        **limits,
+        **limits,  # the mean of the rounds' probes
     }
-    print(f"\n{TITLES[name]}: {meta['device']}, {meta['dtype']}, profile {s.profile}")
-    print(f"memory bandwidth {limits['memory_bandwidth_GBps']:.1f} GB/s, "
-          f"sgemm {limits['matmul_GFLOPps']:.0f} GFLOP/s")  # fmt: skip
-    rows = bench(s, limits)
     goals = goals_of(rows, meta)
     print(format_table(*table(rows)))
     for goal in goals:
         print(goal.line())
-    notes = "\n".join(goal.line() + "  " for goal in goals)
+    spread = (
+        f"Cells: mean ± half-width of the 95 % Student-t interval over {s.rounds} independent "
+        f"rounds (each the median of {s.repeat} timed runs after a warm-up); a goal is met only "
+        "when its whole interval clears the target."
+    )
+    notes = "\n".join([spread, ""] + [goal.line() + "  " for goal in goals])
     path = figures.save_results(f"bench_{name}", rows, s.profile, s.device, TITLES[name], notes,
                                 meta=meta)  # fmt: skip
     figures.save_figure(plot(rows, meta), f"bench_{name}", s.profile, s.device)
@@ -681,6 +780,8 @@ def format_table(header: list[str], lines: list[list]) -> str:
     """A fixed-width text table; floats to 3 significant digits, slots as powers of two."""
 
     def cell(value, column: str) -> str:
+        if isinstance(value, stats.Estimate):  # the mean over the rounds
+            value = value.mean
         if value is None:
             return "-"
         if column == "slots" and isinstance(value, int):
@@ -704,7 +805,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sizes", type=int, nargs="+", default=None, metavar="E",
         help="memory sizes as exponents: N = 2^E slots, E even (default: by profile)",
     )  # fmt: skip
-    parser.add_argument("--repeat", type=int, default=None, help="timed runs per measurement")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="timed runs per measurement in a round"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None,
+        help="independent repetitions of the whole bench, for the 95 %% intervals",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
 
 
@@ -715,10 +822,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if any(e % 2 or not 6 <= e <= 30 for e in args.sizes):
             raise ValueError(f"--sizes must be even exponents in [6, 30], got {args.sizes}")
         settings = replace(settings, sizes=tuple(sorted(set(args.sizes))))
-    if args.repeat is not None:
-        if args.repeat < 1:
-            raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
-        settings = replace(settings, repeat=args.repeat)
+    for name in ("repeat", "rounds"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+            settings = replace(settings, **{name: value})
     return settings
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pkm_ref import bench, cli, figures
+from pkm_ref import ProductKeyMemory, bench, cli, figures
 
 
 def test_bench_retrieval_smoke_writes_results_with_metadata():
@@ -28,8 +28,14 @@ def test_bench_retrieval_smoke_writes_results_with_metadata():
     assert meta["memory_bandwidth_GBps"] > 0 and meta["matmul_GFLOPps"] > 0
     cases = {(row["case"], row["slots"]) for row in results["rows"]}
     assert cases == {(case, 2**e) for case in bench.RETRIEVAL_CASES for e in (8, 10)}
-    assert all(row["median_ms"] > 0 and row["iqr_ms"] >= 0 for row in results["rows"])
-    assert (folder / "bench_retrieval.md").read_text().startswith("# Retrieval")
+    rounds = meta["rounds"]
+    assert rounds == 2 and all(row["rounds"] == rounds for row in results["rows"])
+    for row in results["rows"]:  # every time: one value per round, and their 95 % interval
+        time = row["median_ms"]
+        assert time["n"] == rounds and all(value > 0 for value in time["values"])
+        assert time["low"] <= time["mean"] <= time["high"]
+    table = (folder / "bench_retrieval.md").read_text()
+    assert table.startswith("# Retrieval") and " ± " in table and "95 % Student-t" in table
     assert (folder / "bench_retrieval.png").stat().st_size > 0
 
 
@@ -84,18 +90,65 @@ def test_measure_warms_up_then_repeats():
     assert len(calls) == 4 and timing.runs == 3
 
 
-def test_goals_read_the_rows():
-    rows = [
-        bench._row("flat keys", 2**20, bench.Timing(30.0, 0.0, 1)),
-        bench._row("product keys", 2**20, bench.Timing(0.1, 0.0, 1)),
+def rounds_of(times: dict[str, list[float]], slots: int = 2**20) -> list[dict]:
+    """Rows of several rounds combined: ``times`` gives each case's seconds, one per round."""
+    count = len(next(iter(times.values())))
+    rounds = [
+        [bench._row(case, slots, bench.Timing(ms[i], 0.0, 3)) for case, ms in times.items()]
+        for i in range(count)
     ]
+    return bench.combine_rounds(rounds)
+
+
+def test_goals_are_met_only_when_the_whole_interval_clears_the_target():
+    cpu = {"device_type": "cpu"}
+    # flat / product in each round: 300, 310, 290 -> far above 150
+    clear = rounds_of({"flat keys": [30.0, 31.0, 29.0], "product keys": [0.1, 0.1, 0.1]})
+    [goal] = bench.retrieval_goals(clear, cpu)
+    assert goal.value.values == pytest.approx((300, 310, 290)) and goal.status == "met"
+    assert "95 % interval" in goal.line() and "3 rounds" in goal.line() and "-> met" in goal.line()
+    # 100, 200, 160: the mean (153) is above 150 but the interval reaches below it
+    noisy = rounds_of({"flat keys": [10.0, 20.0, 16.0], "product keys": [0.1, 0.1, 0.1]})
+    assert bench.retrieval_goals(noisy, cpu)[0].status == "within noise"
+    # 100, 101, 99: the whole interval is below 150
+    below = rounds_of({"flat keys": [10.0, 10.1, 9.9], "product keys": [0.1, 0.1, 0.1]})
+    [goal] = bench.retrieval_goals(below, cpu)
+    assert goal.status == "not met" and "-> not met" in goal.line()
+
+
+def test_goals_of_one_round_decide_nothing():
+    """Results written before rounds existed (plain numbers) still read, as one round each."""
+    rows = [{"case": "flat keys", "slots": 2**20, "median_ms": 30.0},
+            {"case": "product keys", "slots": 2**20, "median_ms": 0.1}]  # fmt: skip
     cpu, gpu = {"device_type": "cpu"}, {"device_type": "cuda", "memory_bandwidth_GBps": 1.0}
-    [flat_goal] = bench.retrieval_goals(rows, cpu)
-    assert flat_goal.value == pytest.approx(300) and flat_goal.met
-    assert "-> met" in flat_goal.line()
+    [goal] = bench.retrieval_goals(rows, cpu)
+    assert goal.value.mean == pytest.approx(300) and goal.status == "within noise"
+    assert "one round: no interval" in goal.line()
     read_goal = bench.retrieval_goals(rows, gpu)[1]
-    assert read_goal.met is None and "not measured" in read_goal.line()
-    assert all(goal.met is None for goal in bench.layer_goals([], cpu))
+    assert read_goal.status is None and "not measured" in read_goal.line()
+    assert all(goal.status is None for goal in bench.layer_goals([], cpu))
+
+
+def test_rounds_combine_into_estimates_and_keep_their_labels():
+    first = [bench._row("a", 4, bench.Timing(0.001, 0.0, 2), timed_queries=8, GBps=1.0),
+             bench._row("b", 4, None, timed_queries=None, GBps=None)]  # fmt: skip
+    second = [bench._row("a", 4, bench.Timing(0.003, 0.0, 2), timed_queries=8, GBps=3.0),
+              bench._row("b", 4, None, timed_queries=None, GBps=None)]  # fmt: skip
+    a, b = bench.combine_rounds([first, second])
+    assert (a["case"], a["slots"], a["runs"], a["timed_queries"], a["rounds"]) == ("a", 4, 2, 8, 2)
+    assert a["median_ms"]["values"] == pytest.approx([1.0, 3.0]) and a["GBps"]["mean"] == 2.0
+    assert b["median_ms"] is None and b["GBps"] is None  # not measured: no estimate
+    with pytest.raises(ValueError, match="different cases"):
+        bench.combine_rounds([first, second[::-1]])
+
+
+def test_a_layer_keeps_no_gradient_after_its_timed_train_steps():
+    """The layer bench frees each layer's last gradients (0.5 GB at 2^20 slots on the cpu)."""
+    settings = tiny_settings()
+    layer = ProductKeyMemory(bench.D_MODEL, bench.D_MODEL, 16, bench.K_DIM, bench.HEADS,
+                             bench.KNN, sparse=True)  # fmt: skip
+    bench.train_step_timing(layer, torch.randn(8, bench.D_MODEL), settings)
+    assert all(parameter.grad is None for parameter in layer.parameters())
 
 
 @pytest.mark.parametrize("sizes", [["7"], ["4"], ["8", "31"]])
@@ -106,7 +159,9 @@ def test_sizes_must_be_even_exponents(sizes, capsys):
 
 def tiny_settings() -> bench.Settings:
     settings = bench.default_settings("smoke", torch.device("cpu"))
-    return dataclasses.replace(settings, sizes=(8,), queries=64, repeat=1, model_batch=(1, 16))
+    return dataclasses.replace(
+        settings, sizes=(8,), queries=64, repeat=1, rounds=1, model_batch=(1, 16)
+    )
 
 
 def test_layer_bench_measures_every_case():
@@ -115,7 +170,7 @@ def test_layer_bench_measures_every_case():
     cases = {row["case"] for row in rows}
     assert cases == {"FFN forward", "FFN train step", "product forward", "product train step",
                      "lower bound", "value step, Adam", "value step, SparseAdam"}  # fmt: skip
-    assert bench.lookup(rows, "lower bound", 2**8) > 0
+    assert bench.lookup(rows, "lower bound", 2**8).mean > 0
 
 
 def test_model_bench_measures_flat_product_and_depth():
