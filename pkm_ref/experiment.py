@@ -11,20 +11,28 @@ tokens with the same settings and in the same run:
 * ``pkm-{L}L-n{n}``: L blocks, the middle one's FFN replaced by a product-key memory of n² slots,
   for several n (the memory-size sweep; the profile's default n is the headline model).
 
-Every model trains into ``runs/<profile>/<name>/`` and is skipped when its final metrics for the
-same configuration exist (``--force`` retrains), so an interrupted comparison resumes. Results go
-through ``pkm_ref.figures``: ``lm_comparison`` (table), ``lm_learning_curves`` and
-``lm_memory_sweep`` (figures).
+Every model trains with several seeds (``--seeds``; 3 in the cpu and gpu profiles), each seed
+setting its initial weights and batch order on the same data split, and every number of the table
+is the mean over the seeds with its 95 % interval (``pkm_ref.stats``). A claim is judged by
+comparing intervals: *agrees*, *does not agree*, or *within noise* when they overlap.
+
+Every run trains into ``runs/<profile>/<name>/seed-<seed>/`` and is skipped when its final metrics
+for the same configuration exist (``--force`` retrains), so an interrupted comparison resumes.
+Results go through ``pkm_ref.figures``: ``lm_comparison`` (table), ``lm_learning_curves`` and
+``lm_memory_sweep`` (figures, with the spread of the seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pkm_ref import figures
+from pkm_ref import figures, stats
 from pkm_ref._files import check_writable
 from pkm_ref.cli import Interrupted
 from pkm_ref.data import available_corpora, load_corpus
@@ -93,62 +101,127 @@ def default_runs_dir() -> Path:
     return root / "runs" if (root / "pyproject.toml").exists() else Path.cwd() / "runs"
 
 
-def result_row(variant: Variant, metrics: dict, inference_tokens_per_s: float) -> dict:
-    """One line of the comparison table."""
+def seed_count(profile: str) -> int:
+    """Seeds per model: enough for a 95 % interval (smoke: two, so that the code runs in CI)."""
+    return by_profile(smoke=2, cpu=3, gpu=3, profile=profile)
+
+
+def run_dir(runs_dir: Path, name: str, seed: int) -> Path:
+    """``<runs_dir>/<model>/seed-<seed>/``: one run of one model."""
+    return Path(runs_dir) / name / f"seed-{seed}"
+
+
+def result_row(variant: Variant, metrics: list[dict], inference_tokens_per_s: list[float]) -> dict:
+    """One line of the comparison table: a model's numbers over its seeds, each a
+    ``stats.Estimate`` (mean, 95 % interval, the values) as JSON."""
     config = variant.config
-    memory = metrics["memory"][0] if metrics["memory"] else {}
+
+    def over_seeds(values) -> dict:
+        return stats.Estimate.of(values).to_json()
+
+    memories = [m["memory"][0] for m in metrics if m["memory"]]
     return {
         "model": variant.name,
         "role": variant.role,
         "layers": config.n_layer,
         "memory_slots": config.memory.n_slots if config.memory_layers else 0,
-        "val_ppl": metrics["val_ppl"],
-        "val_bpb": metrics["val_bpb"],
-        "test_ppl": metrics["test_ppl"],
-        "test_bpb": metrics["test_bpb"],
-        "params_total": metrics["params_total"],
-        "params_active": metrics["params_active"],
-        "train_tok_s": round(metrics["train_tokens_per_s"]),
-        "infer_tok_s": round(inference_tokens_per_s),
-        "memory_usage": memory.get("usage"),
-        "memory_kl": memory.get("kl"),
+        "seeds": len(metrics),
+        **{key: over_seeds(m[key] for m in metrics) for key in ("val_ppl", "val_bpb")},
+        **{key: over_seeds(m[key] for m in metrics) for key in ("test_ppl", "test_bpb")},
+        "params_total": metrics[0]["params_total"],
+        "params_active": metrics[0]["params_active"],
+        "train_tok_s": over_seeds(m["train_tokens_per_s"] for m in metrics),
+        "infer_tok_s": over_seeds(inference_tokens_per_s),
+        "memory_usage": over_seeds(m["usage"] for m in memories) if memories else None,
+        "memory_kl": over_seeds(m["kl"] for m in memories) if memories else None,
     }
 
 
-def verdict(rows: list[dict]) -> str:
-    """What the numbers say about the headline claim, in a few sentences."""
+_BEATS = {"lower": "beats", "higher": "is beaten by", stats.WITHIN_NOISE: "is within noise of"}
+_FASTER = {"higher": "faster than", "lower": "slower than", stats.WITHIN_NOISE: "within noise of"}
+
+
+def _versus(a: dict, b: dict, column: str, words: dict[str, str]) -> str:
+    """``pkm-2L-n64 beats dense-4L (1.954 ± 0.01 vs 2.242 ± 0.03)``: intervals decide, not means."""
+    order = stats.compare(stats.read(a[column]), stats.read(b[column]))
+    values = f"{stats.describe(a[column])} vs {stats.describe(b[column])}"
+    return f"{a['model']} {words[order]} {b['model']} ({values})"
+
+
+def headline_claim(rows: list[dict]) -> tuple[stats.Claim, str]:
+    """The paper's headline (a shallow model with a memory beats a deeper one and runs faster),
+    judged on ``rows``: its status and what the numbers say, in a few sentences.
+
+    It agrees only when the memory model's test bits per byte interval lies below the deep
+    model's and its inference speed interval above; it does not agree when either lies on the
+    other side; otherwise it is within noise.
+    """
     by_role = {row["role"]: row for row in rows}
     shallow, deep, memory = by_role["shallow"], by_role["deep"], by_role["memory"]
-
-    def versus(a: dict, b: dict) -> str:
-        beats = "beats" if a["test_bpb"] < b["test_bpb"] else "does not beat"
-        return f"{beats} {b['model']} ({a['test_bpb']:.3f} vs {b['test_bpb']:.3f})"
-
+    quality = stats.claim(stats.read(memory["test_bpb"]), stats.read(deep["test_bpb"]), "lower")
+    speed = stats.claim(
+        stats.read(memory["infer_tok_s"]), stats.read(deep["infer_tok_s"]), "higher"
+    )
+    mean = {role: stats.read(row["infer_tok_s"]).mean for role, row in by_role.items()}
+    train = {role: stats.read(row["train_tok_s"]).mean for role, row in by_role.items()}
     text = (
-        f"On test bits per byte, {memory['model']} {versus(memory, deep)} and "
-        f"{versus(memory, shallow)}; {deep['model']} {versus(deep, shallow)}. "
+        f"On test bits per byte, {_versus(memory, deep, 'test_bpb', _BEATS)} and "
+        f"{_versus(memory, shallow, 'test_bpb', _BEATS)}; "
+        f"{_versus(deep, shallow, 'test_bpb', _BEATS)}. Inference: "
+        f"{_versus(memory, deep, 'infer_tok_s', _FASTER)} tokens/s "
+        f"({mean['memory'] / mean['deep']:.2f}x); training at "
+        f"{train['memory'] / train['deep']:.2f}x."
     )
-    return text + (
-        f"Inference: {memory['model']} runs at {memory['infer_tok_s'] / deep['infer_tok_s']:.2f}x "
-        f"the speed of {deep['model']} ({memory['infer_tok_s']:,} vs {deep['infer_tok_s']:,} "
-        f"tokens/s); training at {memory['train_tok_s'] / deep['train_tok_s']:.2f}x."
-    )
+    return stats.all_of([quality, speed]), text
 
 
-def plot_learning_curves(runs: dict[str, Path], profile: str):
-    """Validation bits per byte against training tokens, one line per run: a matplotlib figure."""
+def sweep_claim(rows: list[dict]) -> tuple[stats.Claim | None, str]:
+    """The paper's "quality improves with memory size", judged on the memory-size sweep: every
+    larger memory's test bits per byte interval must lie below the next smaller one's. None:
+    fewer than two sizes, nothing to judge."""
+    sweep = sorted((r for r in rows if r["memory_slots"]), key=lambda r: r["memory_slots"])
+    if len(sweep) < 2:
+        return None, "Fewer than two memory sizes: no verdict on the memory size."
+    steps = [
+        stats.claim(stats.read(larger["test_bpb"]), stats.read(smaller["test_bpb"]), "lower")
+        for smaller, larger in itertools.pairwise(sweep)
+    ]
+    points = ", ".join(
+        f"{r['memory_slots']:,} slots: {stats.describe(r['test_bpb'])}" for r in sweep
+    )
+    each = "; ".join(
+        f"{smaller['memory_slots']:,} -> {larger['memory_slots']:,}: {step}"
+        for (smaller, larger), step in zip(itertools.pairwise(sweep), steps, strict=True)
+    )
+    return stats.all_of(steps), f"Test bits per byte by memory size: {points} ({each})."
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    """(mean, min, max): what the figures draw (the tables give the 95 % interval)."""
+    return statistics.fmean(values), min(values), max(values)
+
+
+def plot_learning_curves(runs: dict[str, list[Path]], profile: str):
+    """Validation bits per byte against training tokens: per model, the mean over its seeds'
+    runs and a band from the lowest to the highest seed. A matplotlib figure."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, run_dir in runs.items():
+    for name, run_dirs in runs.items():
         # Step 0 (8 bits per byte, an untrained model) would flatten the differences that matter.
-        log = [record for record in read_log(run_dir) if record["step"] > 0]
-        tokens = [record["tokens"] / 1e6 for record in log]
-        ax.plot(tokens, [record["val_bpb"] for record in log], marker=".", label=name)
+        logs = [[r for r in read_log(run) if r["step"] > 0] for run in run_dirs]
+        steps = min(len(log) for log in logs)  # the seeds evaluate at the same steps
+        tokens = [logs[0][i]["tokens"] / 1e6 for i in range(steps)]
+        mean, low, high = zip(
+            *(_spread([log[i]["val_bpb"] for log in logs]) for i in range(steps)), strict=True
+        )
+        (line,) = ax.plot(tokens, mean, marker=".", label=name)
+        ax.fill_between(tokens, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    seeds = min(len(run_dirs) for run_dirs in runs.values())
     ax.set(
         xlabel="training tokens (millions)",
         ylabel="validation bits per byte",
-        title=f"Learning curves ({profile})",
+        title=f"Learning curves ({profile}; mean, band: min-max of {seeds} seeds)",
     )
     ax.grid(alpha=0.3)
     ax.legend()
@@ -156,23 +229,29 @@ def plot_learning_curves(runs: dict[str, Path], profile: str):
 
 
 def plot_memory_sweep(rows: list[dict], profile: str):
-    """Test bits per byte against memory slots, with the dense models as reference lines."""
+    """Test bits per byte against memory slots (mean and min-max over seeds as error bars), with
+    the dense models as reference lines and bands."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     memory_rows = sorted((r for r in rows if r["memory_slots"]), key=lambda r: r["memory_slots"])
-    ax.plot(
-        [r["memory_slots"] for r in memory_rows], [r["test_bpb"] for r in memory_rows],
-        marker="o", label=f"{memory_rows[0]['layers']} layers + product-key memory",
+    spreads = [_spread(stats.read(r["test_bpb"]).values) for r in memory_rows]
+    means = [mean for mean, _, _ in spreads]
+    ax.errorbar(
+        [r["memory_slots"] for r in memory_rows], means,
+        yerr=[[m - lo for m, lo, _ in spreads], [hi - m for m, _, hi in spreads]],
+        marker="o", capsize=3, label=f"{memory_rows[0]['layers']} layers + product-key memory",
     )  # fmt: skip
     dense_rows = [r for r in rows if not r["memory_slots"]]  # shallow, deep
     for row, style in zip(dense_rows, ("--", ":"), strict=True):
-        ax.axhline(row["test_bpb"], linestyle=style, color="gray", label=row["model"])
+        mean, low, high = _spread(stats.read(row["test_bpb"]).values)
+        line = ax.axhline(mean, linestyle=style, color="gray", label=row["model"])
+        ax.axhspan(low, high, color=line.get_color(), alpha=0.1, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set(
         xlabel="memory slots (n_keys²)",
         ylabel="test bits per byte",
-        title=f"Memory size ({profile})",
+        title=f"Memory size ({profile}; bars, bands: min-max of {memory_rows[0]['seeds']} seeds)",
     )
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
@@ -184,45 +263,68 @@ def compare(
     corpus: str = "sotu",
     runs_dir: Path | None = None,
     force: bool = False,
-    seed: int = 0,
+    seeds: Sequence[int] | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Train (or reuse) every variant of ``profile``, save the table and figures; the rows."""
+    """Train (or reuse) every variant of ``profile`` with every seed (default:
+    ``range(seed_count(profile))``), save the table and figures; the rows."""
     import matplotlib.pyplot as plt
 
+    seeds = tuple(range(seed_count(profile))) if seeds is None else tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
     # The run's identity records the device itself, not how it was named ("auto" or None).
     hardware = profile_device(profile, device)
-    train_config = TrainConfig.for_profile(profile, corpus=corpus, seed=seed, device=str(hardware))
-    splits = load_corpus(corpus, train_config.tokenizer, seed, train_config.max_chars)
+    configs = {
+        seed: TrainConfig.for_profile(profile, corpus=corpus, seed=seed, device=str(hardware))
+        for seed in seeds
+    }
+    train_config = configs[seeds[0]]  # every field but the seed is the same
+    # One split for every seed: the seeds vary the models, never the text they are scored on.
+    splits = load_corpus(corpus, train_config.tokenizer, max_chars=train_config.max_chars)
     runs_dir = (default_runs_dir() if runs_dir is None else Path(runs_dir)) / profile
     check_writable(runs_dir, "choose another --runs")  # both checked before any training
     figures.output_dir(profile)
     models = variants(profile, splits.tokenizer.vocab_size)
-    results = {}
+    results: dict[str, list[dict]] = {}
     for variant in models:
-        results[variant.name] = train_or_reuse(
-            variant.config, train_config, runs_dir / variant.name, splits, force, progress
-        )
-        print(f"{variant.name}: test {results[variant.name]['test_bpb']:.3f} bits/byte")
-    # Inference speed of every model in turn, in one measurement: fair under a changing load.
-    trained = {v.name: load_model(runs_dir / v.name, hardware)[0] for v in models}
+        results[variant.name] = []
+        for seed in seeds:
+            out = run_dir(runs_dir, variant.name, seed)
+            metrics = train_or_reuse(variant.config, configs[seed], out, splits, force, progress)
+            results[variant.name].append(metrics)
+            print(f"{variant.name} seed {seed}: test {metrics['test_bpb']:.3f} bits/byte")
+    # Inference speed of every model and seed in turn, in one measurement: fair under a changing
+    # load, and each seed's model gives one value of the model's speed.
+    trained = {
+        f"{v.name}/{seed}": load_model(run_dir(runs_dir, v.name, seed), hardware)[0]
+        for v in models
+        for seed in seeds
+    }
     x = speed_batch(splits.validation, train_config.batch_size, models[0].config.block_size)
     speeds = inference_speeds(
         trained, x.to(hardware), train_config.speed_repeats, train_config.precision
     )
-    rows = [result_row(v, results[v.name], speeds[v.name]) for v in models]
+    rows = [
+        result_row(v, results[v.name], [speeds[f"{v.name}/{seed}"] for seed in seeds])
+        for v in models
+    ]
 
     tokens = train_config.max_steps * train_config.batch_size * models[0].config.block_size
+    claims = [headline_claim(rows), sweep_claim(rows)]
     notes = (
         f"Corpus {corpus} ({train_config.tokenizer} tokens), {tokens:,} training tokens per model "
-        f"({train_config.max_steps} steps of {train_config.batch_size} x "
-        f"{models[0].config.block_size}), seed {seed}. Perplexity is per token; bpb = bits per "
-        f"UTF-8 byte. Memory usage and KL (nats, to uniform) over the validation text. Training "
-        f"speed: the whole run of each model; inference speed: forward passes of {x.shape[0]} x "
-        f"{x.shape[1]} tokens, eval mode, every model in turn, median of "
+        f"and seed ({train_config.max_steps} steps of {train_config.batch_size} x "
+        f"{models[0].config.block_size}); seeds {', '.join(map(str, seeds))} (a seed sets the "
+        f"initial weights and the batch order; every seed has the same train/validation/test "
+        f"split). Cells: mean ± half-width of the 95 % Student-t interval over the seeds (n = "
+        f"`seeds`; one seed: the value alone). Perplexity is per token; bpb = bits per UTF-8 "
+        f"byte. Memory usage and KL (nats, to uniform) over the validation text. Training speed: "
+        f"the whole run of each model; inference speed: forward passes of {x.shape[0]} x "
+        f"{x.shape[1]} tokens, eval mode, every model and seed in turn, median of "
         f"{train_config.speed_repeats} rounds. "
-        f"{verdict(rows)}"
+        + " ".join(f"{text} Claim: **{status}**." if status else text for status, text in claims)
     )
     path = figures.save_results(
         RESULTS,
@@ -232,8 +334,14 @@ def compare(
         title="Shallow + memory vs deep: compact LM",
         notes=notes,
     )
-    print(f"{verdict(rows)}\nresults: {path}")
-    headline = {v.name: runs_dir / v.name for v in models if v.role != "sweep"}
+    for status, text in claims:
+        print(f"{text} -> {status}")
+    print(f"results: {path}")
+    headline = {
+        v.name: [run_dir(runs_dir, v.name, seed) for seed in seeds]
+        for v in models
+        if v.role != "sweep"
+    }
     for name, fig in (
         (CURVES, plot_learning_curves(headline, profile)),
         (SWEEP, plot_memory_sweep(rows, profile)),
@@ -254,14 +362,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="retrain models whose final metrics already exist"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, metavar="N",
+        help="seeds per model: --seed, --seed + 1, ... (default: 2 for smoke, 3 for cpu and gpu)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     profile = args.profile or current_profile()
+    count = seed_count(profile) if args.seeds is None else args.seeds
     try:
-        compare(profile, args.corpus, args.runs, args.force, args.seed, args.device, not args.quiet)
+        if count < 1:
+            raise ValueError(f"--seeds must be >= 1, got {count}")
+        seeds = range(args.seed, args.seed + count)
+        compare(profile, args.corpus, args.runs, args.force, seeds, args.device, not args.quiet)
     except KeyboardInterrupt:
         raise Interrupted(
             "run the same command to continue: finished models are reused and the one in "

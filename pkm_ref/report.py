@@ -1,19 +1,24 @@
 """The study's report: ``RESULTS.md`` beside the figures, and the generated blocks of the README.
 
-``write_results(profile)`` is the last step of ``pkm-ref reproduce``. It lists every figure and
-result table in the profile's output folder (``pkm_ref.figures.output_dir``) with a paragraph each:
-what it shows, where it comes from, and, where the paper makes a claim, whether this run agrees.
-Every figure the project makes is registered in ``FIGURES`` below; a figure that is not is listed
-as unregistered (and a test fails), so no figure is ever orphaned.
+``write_results(profile, folder)`` is the last step of ``pkm-ref reproduce``. It lists every
+figure and result table in the run's results folder with a paragraph each: what it shows, where
+it comes from, and, where the paper makes a claim, whether this run agrees. Every figure the
+project makes is registered in ``FIGURES`` below; a figure that is not is listed as unregistered
+(and a test fails), so no figure is ever orphaned.
 
-For the ``cpu`` profile (the committed results) it also refreshes the blocks of README.md between
-``<!-- BEGIN generated: NAME -->`` and ``<!-- END generated: NAME -->``, so the numbers the README
-quotes always come from the result files.
+Every claim and speed goal is judged on intervals (``pkm_ref.stats``): *agrees* / *met* only when
+the 95 % intervals are separated the right way, *does not agree* / *not met* when they are
+separated the wrong way, *within noise* otherwise. ``verdicts(folder)`` lists them all, so that
+``pkm_ref.reference`` can set a run's verdicts beside the reference's.
+
+When ``pkm-ref reproduce --update-reference`` rewrites the committed results, ``refresh_readme``
+rewrites the blocks of README.md between ``<!-- BEGIN generated: NAME -->`` and
+``<!-- END generated: NAME -->`` from them, so the numbers the README quotes always come from the
+result files.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -21,11 +26,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pkm_ref.figures import output_dir, run_metadata
+from pkm_ref import stats
+from pkm_ref.figures import run_metadata
 from pkm_ref.notebook import REPOSITORY
 
 ROOT = Path(__file__).resolve().parent.parent
 COLAB = "https://colab.research.google.com"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A claim of the paper judged on one folder of results; ``status`` is None when the results
+    cannot judge it (e.g. too few sizes measured)."""
+
+    status: str | None  # "agrees", "does not agree" or "within noise"
+    text: str
 
 
 @dataclass(frozen=True)
@@ -35,7 +50,8 @@ class Figure:
     section: str
     source: str  # the notebook or command that writes it
     shows: str
-    verdict: Callable[[Path], str] | None = None  # reads the result files in the folder
+    claim: str = ""  # the paper's claim that ``verdict`` judges
+    verdict: Callable[[Path], Verdict | None] | None = None  # None: no results in the folder
 
 
 def _rows(folder: Path, name: str) -> list[dict] | None:
@@ -43,14 +59,12 @@ def _rows(folder: Path, name: str) -> list[dict] | None:
     return json.loads(path.read_text())["rows"] if path.exists() else None
 
 
-def _median(rows: list[dict], case: str, slots: int) -> float | None:
-    return next((r["median_ms"] for r in rows if r["case"] == case and r["slots"] == slots), None)
+def _retrieval_verdict(folder: Path) -> Verdict | None:
+    from pkm_ref.bench import lookup
 
-
-def _retrieval_verdict(folder: Path) -> str:
     rows = _rows(folder, "bench_retrieval")
     if not rows:
-        return "No retrieval results in this folder."
+        return None
     # Sizes where both searches were timed: beyond the flat-key limit (or after running out of
     # GPU memory) the bench keeps a flat row without a time.
     timed = {
@@ -59,50 +73,50 @@ def _retrieval_verdict(folder: Path) -> str:
     }
     common = sorted(timed["flat keys"] & timed["product keys"])
     if len(common) < 2:
-        return "Flat and product keys were timed together at fewer than two sizes: no verdict."
+        return Verdict(
+            None, "Flat and product keys were timed together at fewer than two sizes: no verdict."
+        )
     small, large = common[0], common[-1]
-    flat_growth = _median(rows, "flat keys", large) / _median(rows, "flat keys", small)
-    product_growth = _median(rows, "product keys", large) / _median(rows, "product keys", small)
-    ratio = _median(rows, "flat keys", large) / _median(rows, "product keys", large)
-    agrees = flat_growth > 10 * product_growth
-    return (
+    flat, product = (
+        {size: lookup(rows, case, size) for size in (small, large)}
+        for case in ("flat keys", "product keys")
+    )
+    flat_growth = stats.ratio(flat[large], flat[small])  # within each round
+    product_growth = stats.ratio(product[large], product[small])
+    relative = stats.ratio(flat_growth, product_growth)
+    gap = stats.ratio(flat[large], product[large])
+    status = stats.claim(relative, 10, "higher")
+    return Verdict(
+        status,
         f"From {small:,} to {large:,} slots ({large // small}x), flat-key retrieval got "
-        f"{flat_growth:.0f}x slower and product-key retrieval {product_growth:.1f}x slower; at "
-        f"{large:,} slots flat keys take {ratio:.0f}x as long. The paper's claim (flat-key speed "
-        f"falls sharply as the memory grows, product keys barely change): "
-        f"**{'agrees' if agrees else 'does not agree'}**."
+        f"{flat_growth.mean:.0f}x slower and product-key retrieval {product_growth.mean:.1f}x "
+        f"slower; at {large:,} slots flat keys take {gap.mean:.0f}x as long. Judged as: flat keys "
+        f"slow down at least 10x more than product keys (measured: {relative.describe()}x over "
+        f"{relative.n} rounds, 95 % interval). "
+        f"{FIGURES['bench_retrieval'].claim}: **{status}**.",
     )
 
 
-def _lm_verdict(folder: Path) -> str:
-    from pkm_ref.experiment import verdict
+def _lm_verdict(folder: Path) -> Verdict | None:
+    from pkm_ref.experiment import headline_claim
 
     rows = _rows(folder, "lm_comparison")
     if not rows:
-        return "No language-model results in this folder."
-    by_role = {row["role"]: row for row in rows}
-    agrees = (
-        by_role["memory"]["test_bpb"] < by_role["deep"]["test_bpb"]
-        and by_role["memory"]["infer_tok_s"] > by_role["deep"]["infer_tok_s"]
-    )
-    return (
-        f"{verdict(rows)} The paper's claim (a shallow model with a memory beats a deeper one and "
-        f"runs faster): **{'agrees' if agrees else 'does not agree'}** at this scale."
-    )
+        return None
+    status, text = headline_claim(rows)
+    return Verdict(status, f"{text} {FIGURES['lm_learning_curves'].claim}: **{status}** at this "
+                           "scale.")  # fmt: skip
 
 
-def _sweep_verdict(folder: Path) -> str:
+def _sweep_verdict(folder: Path) -> Verdict | None:
+    from pkm_ref.experiment import sweep_claim
+
     rows = _rows(folder, "lm_comparison")
     if not rows:
-        return "No language-model results in this folder."
-    sweep = sorted((r for r in rows if r["memory_slots"]), key=lambda r: r["memory_slots"])
-    bpb = [r["test_bpb"] for r in sweep]
-    improves = all(later < earlier for earlier, later in itertools.pairwise(bpb))
-    points = ", ".join(f"{r['memory_slots']:,} slots: {r['test_bpb']:.3f}" for r in sweep)
-    return (
-        f"Test bits per byte by memory size: {points}. The paper's claim (quality improves with "
-        f"memory size): **{'agrees' if improves else 'does not agree'}** at this scale."
-    )
+        return None
+    status, text = sweep_claim(rows)
+    return Verdict(status, f"{text} {FIGURES['lm_memory_sweep'].claim}: **{status}** at this "
+                           "scale.")  # fmt: skip
 
 
 # name (file stem) -> Figure. Sections appear in RESULTS.md in this order.
@@ -113,15 +127,19 @@ FIGURES: dict[str, Figure] = {
         "pkm-ref compare",
         "Validation bits per byte against training tokens for the dense L-layer model, the dense "
         "2L-layer model and the L-layer model with a product-key memory at mid-depth, all trained "
-        "on the same tokens.",
+        "on the same tokens: the mean over the seeds, with a band from the lowest to the highest "
+        "seed.",
+        "The paper's claim (a shallow model with a memory beats a deeper one and runs faster)",
         _lm_verdict,
     ),
     "lm_memory_sweep": Figure(
         "Language model",
         "pkm-ref compare",
         "Test bits per byte of the L-layer model with a memory against the number of memory "
-        "slots (the dense models as horizontal lines). The paper reports perplexity improving "
-        "with memory size.",
+        "slots (the dense models as horizontal lines), the mean over the seeds with bars and bands "
+        "from the lowest to the highest seed. The paper reports perplexity improving with memory "
+        "size.",
+        "The paper's claim (quality improves with memory size)",
         _sweep_verdict,
     ),
     "bench_retrieval": Figure(
@@ -129,7 +147,9 @@ FIGURES: dict[str, Figure] = {
         "pkm-ref bench retrieval",
         "Time to search 4,096 queries (4 heads, knn 32, k_dim 128) and read their values, flat "
         "keys against product keys, as the memory grows; the analytic O(N) and O(sqrt(N) + k^2) "
-        "curves are scaled to the measurements.",
+        "curves are scaled to the measurements. Bars: min-max of the bench's rounds.",
+        "The paper's claim (flat-key speed falls sharply as the memory grows, product keys barely "
+        "change)",
         _retrieval_verdict,
     ),
     "bench_layer": Figure(
@@ -137,13 +157,14 @@ FIGURES: dict[str, Figure] = {
         "pkm-ref bench layer",
         "A ProductKeyMemory layer's forward and forward+backward time against the dense FFN it "
         "replaces, across memory sizes, and the cost of a sparse (SparseAdam) against a dense "
-        "(Adam) value update.",
+        "(Adam) value update. Bars: min-max of the bench's rounds.",
     ),
     "bench_model": Figure(
         "Speed and complexity",
         "pkm-ref bench model",
         "Inference tokens/s of the language model as the memory grows, with flat and with product "
-        "keys (the paper's speed figure), and dense L / dense 2L / L + memory at equal settings.",
+        "keys (the paper's speed figure), and dense L / dense 2L / L + memory at equal settings. "
+        "Bars: min-max of the bench's rounds.",
     ),
     "00_memory_layer_diagram": Figure(
         "Notebooks",
@@ -276,16 +297,18 @@ NOTEBOOK_SUMMARIES = {
 }
 
 
-def write_results(profile: str) -> Path:
-    """Write ``RESULTS.md`` into ``output_dir(profile)``; refresh the README for ``cpu``."""
-    folder = output_dir(profile)
+def write_results(profile: str, folder: Path) -> Path:
+    """Write ``RESULTS.md`` into ``folder`` (a run's results) and return its path."""
+    folder = Path(folder)
     meta = run_metadata(profile)
     lines = [
         "# Results",
         "",
         f"Assembled from the result files of the `{profile}` profile by `pkm-ref reproduce "
-        f"--profile {profile}` ({meta['date']}). Each table below records the device, versions "
-        "and date of its own run.",
+        f"--profile {profile}` ({meta['date']}). Each table below records the machine, device, "
+        "versions and date of its own run. Numbers are means with the half-width of their 95 % "
+        "interval over seeds (language model) or rounds (benchmarks); a claim agrees or does not "
+        "only when the intervals are separated, and is *within noise* when they overlap.",
         "",
     ]
     for section in SECTIONS:
@@ -301,16 +324,40 @@ def write_results(profile: str) -> Path:
                 continue
             lines += [f"### {name}", "", f"![{name}]({name}.png)", "", figure.shows,
                       f"Source: `{figure.source}`.", ""]  # fmt: skip
-            if figure.verdict is not None:
-                lines += [figure.verdict(folder), ""]
+            verdict = figure.verdict(folder) if figure.verdict is not None else None
+            if verdict is not None:
+                lines += [verdict.text, ""]
     orphans = sorted(p.stem for p in folder.glob("*.png") if p.stem not in FIGURES)
     if orphans:
         lines += ["## Unregistered figures", "", *[f"- {name}.png" for name in orphans], ""]
     path = folder / "RESULTS.md"
     path.write_text("\n".join(lines))
-    if profile == "cpu" and folder == ROOT / "figures":
-        refresh_readme(folder)
     return path
+
+
+def verdicts(folder: Path) -> dict[str, str | None]:
+    """Every judgement the results in ``folder`` support, by name: the paper's claims
+    (``agrees`` / ``does not agree`` / ``within noise``) and the speed goals (``met`` /
+    ``not met`` / ``within noise``); None where the results cannot judge."""
+    from pkm_ref.bench import BENCH_PARTS
+
+    judged: dict[str, str | None] = {}
+    for figure in FIGURES.values():
+        verdict = figure.verdict(folder) if figure.verdict is not None else None
+        if verdict is not None:
+            judged[figure.claim] = verdict.status
+    for name, (_, goals_of, _, _) in BENCH_PARTS.items():
+        data = _results(folder / f"bench_{name}.json")
+        if data is not None:
+            for goal in goals_of(data["rows"], data["meta"]):
+                judged[f"goal: {goal.text} {'<=' if goal.at_most else '>='} {goal.target:g}"] = (
+                    goal.status
+                )
+    return judged
+
+
+def _results(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _table_block(path: Path) -> list[str]:
@@ -320,13 +367,15 @@ def _table_block(path: Path) -> list[str]:
 
 
 def refresh_readme(folder: Path) -> None:
-    """Rewrite the README's generated blocks from the result files in ``folder``."""
+    """Rewrite the README's generated blocks from the committed results: ``folder`` (the
+    repository's ``figures/``, the cpu reference) and ``folder/gpu``."""
     readme = ROOT / "README.md"
     text = readme.read_text()
     blocks = {
         "speed-figure": _speed_block(folder),
         "speed-goals": _goals_block(folder),
         "headline": _headline_block(folder),
+        "profile-costs": _costs_block(folder),
         "notebook-table": _notebook_table(folder),
     }
     for name, body in blocks.items():
@@ -338,11 +387,12 @@ def refresh_readme(folder: Path) -> None:
 
 
 def _speed_block(folder: Path) -> str:
-    if not (folder / "bench_retrieval.png").exists():
+    verdict = _retrieval_verdict(folder)
+    if not (folder / "bench_retrieval.png").exists() or verdict is None:
         return ""
     return (
         "![Retrieval time against memory size, flat vs product keys](figures/bench_retrieval.png)"
-        f"\n\n{_retrieval_verdict(folder)} (source: "
+        f"\n\n{verdict.text} (source: "
         "[figures/bench_retrieval.md](figures/bench_retrieval.md))\n"
     )
 
@@ -366,7 +416,10 @@ def _goals_block(folder: Path) -> str:
                 lines.append(f"- {run}: {text} ([{source}]({source}))")
     if not lines:
         return ""
-    return "**Speed goals**, as ratios within one benchmark run:\n\n" + "\n".join(lines) + "\n"
+    return (
+        "**Speed goals**, as ratios within each round of one benchmark run; met only when the "
+        "whole 95 % interval over the rounds clears the target:\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def _headline_block(folder: Path) -> str:
@@ -375,7 +428,8 @@ def _headline_block(folder: Path) -> str:
     blocks = []
     for results in (folder, folder / "gpu"):
         path = results / "lm_comparison.md"
-        if not path.exists():
+        verdict = _lm_verdict(results)
+        if not path.exists() or verdict is None:
             continue
         table = [line for line in path.read_text().splitlines() if line.startswith("|")]
         meta = json.loads(path.with_suffix(".json").read_text())["meta"]
@@ -384,9 +438,41 @@ def _headline_block(folder: Path) -> str:
             f"**Shallow + memory vs deep** ({meta['profile']} profile, {meta['device']}, "
             f"{meta['date']}; source: [{source}]({source})):\n\n"
             + "\n".join(table)
-            + f"\n\n{_lm_verdict(results)}\n"
+            + f"\n\n{verdict.text}\n"
         )
     return "\n".join(blocks)
+
+
+def _costs_block(folder: Path) -> str:
+    """Time and peak memory of ``pkm-ref reproduce`` per profile, from ``reproduce_steps.json``
+    of the cpu and gpu results: the sum of the steps' times and the largest step's peak."""
+    lines = [
+        "| profile | machine | steps recorded | time | peak RAM (largest step) | peak GPU memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for results in (folder, folder / "gpu"):
+        data = _results(results / "reproduce_steps.json")
+        if data is None:
+            continue
+        meta, rows = data["meta"], data["rows"]
+        machine = ", ".join(filter(None, (meta["device"], meta.get("machine"))))
+        seconds = [row["seconds"] for row in rows if row.get("seconds") is not None]
+        source = os.path.relpath(results / "reproduce_steps.md", ROOT)
+        lines.append(
+            f"| [{meta['profile']}]({source}) | {machine} | {len(seconds)} | "
+            f"{_minutes(sum(seconds))} | {_peak(rows, 'peak_ram_gib')} | "
+            f"{_peak(rows, 'peak_gpu_gib')} |"
+        )
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+def _peak(rows: list[dict], column: str) -> str:
+    """The largest ``column`` of the steps, and which step it was, in GiB."""
+    measured = [row for row in rows if row.get(column) is not None]
+    if not measured:
+        return "not measured"
+    top = max(measured, key=lambda row: row[column])
+    return f"{top[column]:.1f} GiB ({top['step']})"
 
 
 def _notebook_table(folder: Path) -> str:

@@ -1,13 +1,28 @@
-"""`pkm-ref reproduce`: bad input fails at once with a message; steps are listed and skipped."""
+"""`pkm-ref reproduce`: bad input fails at once with a message; steps are listed and skipped;
+each step's time and peak memory are its own; your results never touch tracked files."""
 
+import functools
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import pkm_ref.data
-from pkm_ref import reproduce
+from pkm_ref import figures, reproduce
 from pkm_ref.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def here(step: reproduce.Step) -> dict:
+    """Run a step in this process (the tests' lambdas cannot go to a child); no memory figures."""
+    step.run()
+    return {}
 
 
 def test_lists_every_step_in_order(capsys):
@@ -79,11 +94,11 @@ def test_up_to_date_steps_are_skipped_and_force_reruns(tmp_path):
     steps = [reproduce.Step("a", lambda: calls.append("a"), 1.0)]
     state_path = tmp_path / "state.json"
     state = {}
-    reproduce._run_steps(steps, state, state_path, force=False)
-    reproduce._run_steps(steps, state, state_path, force=False)
+    reproduce._run_steps(steps, state, state_path, force=False, run=here)
+    reproduce._run_steps(steps, state, state_path, force=False, run=here)
     assert calls == ["a"]
     assert json.loads(state_path.read_text())["a"]["version"] == state["a"]["version"]
-    reproduce._run_steps(steps, state, state_path, force=True)
+    reproduce._run_steps(steps, state, state_path, force=True, run=here)
     assert calls == ["a", "a"]
 
 
@@ -102,10 +117,10 @@ def test_a_step_reruns_when_its_arguments_change_or_its_results_are_gone(tmp_pat
 
     state, state_path = {}, tmp_path / "state.json"
     for corpus in ("sotu", "sotu", "shakespeare-plays"):
-        reproduce._run_steps([step(corpus)], state, state_path, force=False)
+        reproduce._run_steps([step(corpus)], state, state_path, force=False, run=here)
     assert calls == ["sotu", "shakespeare-plays"]
     result.unlink()
-    reproduce._run_steps([step("shakespeare-plays")], state, state_path, force=False)
+    reproduce._run_steps([step("shakespeare-plays")], state, state_path, force=False, run=here)
     assert calls == ["sotu", "shakespeare-plays", "shakespeare-plays"] and result.exists()
 
 
@@ -115,9 +130,24 @@ def test_a_notebook_step_owns_the_figures_it_writes(tmp_path):
     figures_dir = tmp_path / "figures"
     steps = {s.name: s for s in reproduce._steps("cpu", "cpu", "sotu", tmp_path, figures_dir)}
     outputs = steps["notebook-04_multihead_memory_gpu"].outputs
-    assert outputs[0] == reproduce.NOTEBOOKS_DIR / "04_multihead_memory_gpu.ipynb"
+    assert outputs[0] == figures_dir / "notebooks" / "04_multihead_memory_gpu.ipynb"
     assert figures_dir / "04_layer_scaling.png" in outputs
     assert all(p.name.startswith("04_") for p in outputs[1:]) and len(outputs) == 5
+
+
+def test_update_reference_writes_the_committed_files():
+    """--update-reference: the cpu results go to figures/, the gpu ones to figures/gpu/, and the
+    notebooks are executed in place; without it, nothing lands in the repository."""
+    assert reproduce._results_dir("cpu", None, True) == figures.CHECKOUT / "figures"
+    assert reproduce._results_dir("gpu", None, True) == figures.CHECKOUT / "figures" / "gpu"
+    assert reproduce._results_dir("cpu", None, False) == Path("results", "cpu").resolve()
+    with pytest.raises(ValueError, match="leave out --out"):
+        reproduce._results_dir("cpu", Path("elsewhere"), True)
+    out = figures.CHECKOUT / "figures"
+    steps = {s.name: s for s in reproduce._steps("cpu", "cpu", "sotu", Path("runs"), out, True)}
+    notebook = reproduce.NOTEBOOKS_DIR / "05_train_pkm_lm.ipynb"
+    assert steps["notebook-05_train_pkm_lm"].outputs[0] == notebook
+    assert steps["lm-comparison"].outputs == (out / "lm_comparison.json",)
 
 
 def test_a_failed_step_is_not_recorded(tmp_path):
@@ -126,8 +156,42 @@ def test_a_failed_step_is_not_recorded(tmp_path):
 
     state_path = tmp_path / "state.json"
     with pytest.raises(RuntimeError, match="boom"):
-        reproduce._run_steps([reproduce.Step("bad", fail, 1.0)], {}, state_path, force=False)
+        reproduce._run_steps([reproduce.Step("bad", fail, 1.0)], {}, state_path, False, here)
     assert not state_path.exists()
+
+
+def allocate(mib: int) -> None:
+    """A step that holds ``mib`` MiB for a moment (module-level: it runs in a child process)."""
+    block = bytearray(mib * 2**20)  # zero-filled: every page resident
+    assert len(block) == mib * 2**20
+
+
+def test_each_step_reports_its_own_peak_memory():
+    """Steps run in child processes: a step's peak is its own, not what earlier steps left."""
+    small = reproduce._run_in_child(reproduce.Step("small", functools.partial(allocate, 0), 1.0))
+    large = reproduce._run_in_child(reproduce.Step("large", functools.partial(allocate, 600), 1.0))
+    again = reproduce._run_in_child(reproduce.Step("again", functools.partial(allocate, 0), 1.0))
+    assert large["peak_ram_gib"] - small["peak_ram_gib"] == pytest.approx(600 / 1024, abs=0.1)
+    assert again["peak_ram_gib"] == pytest.approx(small["peak_ram_gib"], abs=0.1)
+    assert large["peak_gpu_gib"] is None  # no CUDA used
+
+
+def test_a_notebook_step_counts_its_kernels_memory(tmp_path):
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell("block = bytearray(2**30)")]  # 1 GiB, resident
+    path = tmp_path / "big.ipynb"
+    nbformat.write(notebook, path)
+    run = functools.partial(reproduce.execute_notebook, path, "smoke", tmp_path / "done.ipynb")
+    peaks = reproduce._run_in_child(reproduce.Step("notebook-big", run, 1.0))
+    assert peaks["peak_ram_gib"] >= 1.0  # the kernel's, not only its parent's
+
+
+def test_a_failing_step_stops_the_run_with_its_name(tmp_path):
+    run = functools.partial(reproduce._run_command, ("bench", "retrieval", "--repeat", "0"))
+    with pytest.raises(reproduce.StepFailed, match="bench-x failed"):
+        reproduce._run_in_child(reproduce.Step("bench-x", run, 1.0))
 
 
 def test_notebook_step_is_stale_when_its_cells_change(tmp_path):
@@ -144,14 +208,19 @@ def test_notebook_step_is_stale_when_its_cells_change(tmp_path):
     assert reproduce._step_version("code", step) != before
 
 
-def test_step_times_of_an_only_run_keep_the_earlier_ones(tmp_path, monkeypatch):
-    """`--only` reruns some steps; the other steps' recorded times must not be lost."""
-    monkeypatch.setenv("PKM_REF_FIGURES", str(tmp_path))
+def test_step_records_of_an_only_run_keep_the_earlier_ones(tmp_path):
+    """`--only` reruns some steps; the other steps' recorded times and memory must not be lost."""
     steps = [reproduce.Step(name, lambda: None, 1.0) for name in ("a", "b")]
-    reproduce._record_timings(steps, {"a": {"seconds": 1.5}, "b": {"seconds": 2.5}}, "smoke", "cpu")
-    reproduce._record_timings(steps[1:], {"b": {"seconds": 3.0}}, "smoke", "cpu")
+    first = {"a": {"seconds": 1.5, "peak_ram_gib": 0.5}, "b": {"seconds": 2.5}}
+    reproduce._record_steps(steps, first, tmp_path, "smoke", "cpu")
+    second = {"b": {"seconds": 3.0, "peak_ram_gib": 6.8, "peak_gpu_gib": 1.25}}
+    reproduce._record_steps(steps[1:], second, tmp_path, "smoke", "cpu")
     rows = json.loads((tmp_path / "reproduce_steps.json").read_text())["rows"]
-    assert rows == [{"step": "a", "seconds": 1.5}, {"step": "b", "seconds": 3.0}]
+    assert rows == [
+        {"step": "a", "seconds": 1.5, "peak_ram_gib": 0.5, "peak_gpu_gib": None},
+        {"step": "b", "seconds": 3.0, "peak_ram_gib": 6.8, "peak_gpu_gib": 1.25},
+    ]
+    assert "child process" in (tmp_path / "reproduce_steps.md").read_text()
 
 
 def test_executed_notebooks_keep_their_figures_under_a_headless_backend(tmp_path, monkeypatch):
@@ -164,7 +233,9 @@ def test_executed_notebooks_keep_their_figures_under_a_headless_backend(tmp_path
     notebook.cells = [nbformat.v4.new_code_cell(code)]
     path = tmp_path / "figure.ipynb"
     nbformat.write(notebook, path)
-    executed = nbformat.read(reproduce.execute_notebook(path, "smoke"), as_version=4)
+    gpu_bytes = reproduce.execute_notebook(path, "smoke", tmp_path / "executed.ipynb")
+    executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
+    assert len(executed.cells) == 1 and gpu_bytes == 0  # the GPU probe is not kept; no CUDA
     outputs = executed.cells[0].outputs
     assert any("image/png" in output.get("data", {}) for output in outputs)
 
@@ -178,27 +249,101 @@ def test_notebook_kernels_run_without_the_tcp_warning(tmp_path, capfd):
     code = "from ipykernel.kernelapp import IPKernelApp\nprint(IPKernelApp.instance().transport)"
     path = tmp_path / f"transport_{tmp_path.name}.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), path)
-    executed = nbformat.read(reproduce.execute_notebook(path, "smoke"), as_version=4)
+    reproduce.execute_notebook(path, "smoke", tmp_path / "executed.ipynb")
+    executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
     assert executed.cells[0].outputs[0]["text"] == "ipc\n"
     assert "TCP without encryption" not in capfd.readouterr().err
 
 
-def test_a_failing_or_interrupted_step_ends_in_one_line(tmp_path, monkeypatch, capsys):
+def failing_bench(*args, **kwargs) -> list[reproduce.Step]:
+    """In place of reproduce's steps: one whose command refuses its arguments."""
+    run = functools.partial(reproduce._run_command, ("bench", "layer", "--repeat", "0"))
+    return [reproduce.Step("bench-layer", run, 1.0)]
+
+
+def test_a_failing_or_interrupted_step_ends_in_one_line(tmp_path, monkeypatch, capfd):
     """A step's error or Ctrl-C reaches reproduce's own command line: one line, exit code 2 or
-    130, no traceback (a step used to end in a RuntimeError traceback)."""
-    from pkm_ref import bench
+    130, no traceback (a step used to end in a RuntimeError traceback). The step, in its child
+    process, prints its own line first."""
+    argv = ["reproduce", "--profile", "smoke", "--runs", str(tmp_path), "--out", str(tmp_path)]
+    monkeypatch.setattr(reproduce, "_steps", failing_bench)
+    assert main(argv) == 2
+    err = capfd.readouterr().err
+    assert "pkm-ref bench: error: --repeat must be >= 1, got 0" in err
+    assert "pkm-ref reproduce: error: step bench-layer failed (exit status 2)" in err
+    assert "Traceback" not in err
 
-    monkeypatch.setenv("PKM_REF_FIGURES", str(tmp_path / "figures"))
-    argv = ["reproduce", "--profile", "smoke", "--runs", str(tmp_path), "--only", "bench-layer"]
-    for error, code, line in (
-        (ValueError("no memory left"), 2, "pkm-ref reproduce: error: no memory left\n"),
-        (KeyboardInterrupt(), 130, "pkm-ref reproduce: interrupted: run the same command"),
-    ):
+    def interrupted(step):
+        raise KeyboardInterrupt
 
-        def fail(*args, error=error, **kwargs):
-            raise error
+    monkeypatch.setattr(reproduce, "_run_in_child", interrupted)
+    assert main(argv) == 130
+    err = capfd.readouterr().err
+    assert "pkm-ref reproduce: interrupted: run the same command" in err and "Traceback" not in err
 
-        monkeypatch.setattr(bench, "run_bench", fail)
-        assert main(argv) == code
-        err = capsys.readouterr().err
-        assert line in err and "Traceback" not in err
+
+def _copy_of_the_repository(target: Path) -> Path:
+    """The working tree as a fresh git repository: every file git tracks or would track, as it
+    is now (uncommitted changes included), committed there."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.split(b"\0")  # fmt: skip
+    for name in filter(None, files):
+        source = ROOT / name.decode()
+        if source.is_file():  # a deleted file is still in the index
+            (target / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name.decode())
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
+        subprocess.run([*git, *command], cwd=target, check=True, capture_output=True)
+    return target
+
+
+@pytest.mark.skipif(
+    shutil.which("git") is None or not (ROOT / ".git").exists(),
+    reason="copies the repository with git",
+)
+def test_a_users_reproduce_leaves_tracked_files_alone_and_compares_with_the_reference(tmp_path):
+    """From a copy of the repository, as a user runs it: first a maintainer's --update-reference
+    (at smoke, scratch folders stand in for figures/ and notebooks/), then a plain reproduce,
+    whose results land in results/smoke/ with a comparison against that reference; git sees no
+    change at all."""
+    clone = _copy_of_the_repository(tmp_path / "clone")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(clone), "TMPDIR": str(scratch)}
+    env["PKM_REF_PROFILE"] = "smoke"
+    env.pop(figures.ENV_VAR, None)
+    command = [sys.executable, "-m", "pkm_ref", "reproduce", "--profile", "smoke",
+               "--runs", str(tmp_path / "runs"),
+               "--only", "lm-comparison", "bench-model", "notebook-00_overview"]  # fmt: skip
+
+    def reproduce_in_clone(*extra: str) -> str:
+        done = subprocess.run([*command, *extra], cwd=clone, env=env, text=True,
+                              capture_output=True)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    reproduce_in_clone("--update-reference")
+    reference = scratch / "pkm_ref_smoke_figures"
+    for name in ("lm_comparison.json", "bench_model.json", "00_cost_per_token.png", "RESULTS.md"):
+        assert (reference / name).exists(), name
+    assert (scratch / "pkm_ref_smoke_notebooks" / "00_overview.ipynb").exists()
+
+    printed = reproduce_in_clone()
+    results = clone / "results" / "smoke"
+    for name in ("lm_comparison.json", "bench_model.json", "00_cost_per_token.png", "RESULTS.md",
+                 "notebooks/00_overview.ipynb", "reproduce_steps.json"):  # fmt: skip
+        assert (results / name).exists(), name
+    comparison = (results / "vs_reference.md").read_text()
+    assert "| dense-2L | test_bpb |" in comparison  # your number beside the reference's
+    assert "| dense, 4 layers | tokens_per_s |" in comparison
+    assert "| verdict | yours | reference | |" in comparison
+    assert "your run vs the reference" in printed and "vs_reference.md" in printed
+    steps = json.loads((results / "reproduce_steps.json").read_text())["rows"]
+    assert [row["step"] for row in steps] == command[-3:]  # the --only steps
+    assert all(row["seconds"] > 0 and row["peak_ram_gib"] > 0 for row in steps)
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True,
+                            text=True, check=True).stdout  # fmt: skip
+    assert status == "", status

@@ -236,10 +236,11 @@ def test_a_shorter_run_keeps_the_shape_of_the_schedule() -> None:
     """Warm-up is at most a tenth of a run shorter than the profile's, with no jump in between
     (74 steps had 7 steps of warm-up and 75 steps 60), and the profile's own run is unchanged."""
     full = TrainConfig.for_profile("cpu")
-    assert (full.max_steps, full.warmup_steps) == (600, 60)
-    warmups = [TrainConfig.for_profile("cpu", max_steps=s).warmup_steps for s in range(1, 600)]
-    assert warmups == [min(60, s // 10) for s in range(1, 600)]
-    assert TrainConfig.for_profile("cpu", max_steps=1200).warmup_steps == 60
+    steps, warmup = full.max_steps, full.warmup_steps
+    assert warmup == steps // 10
+    warmups = [TrainConfig.for_profile("cpu", max_steps=s).warmup_steps for s in range(1, steps)]
+    assert warmups == [min(warmup, s // 10) for s in range(1, steps)]
+    assert TrainConfig.for_profile("cpu", max_steps=2 * steps).warmup_steps == warmup
 
 
 def test_the_peak_learning_rate_is_the_peak() -> None:
@@ -299,13 +300,20 @@ def test_compare_smoke_writes_results_and_skips_finished_models(
     results = json.loads((tmp_path / "figures" / "lm_comparison.json").read_text())
     roles = [row["role"] for row in results["rows"]]
     assert roles == ["shallow", "deep", "sweep", "memory"] and results["meta"]["profile"] == "smoke"
+    for row in results["rows"]:  # two seeds at smoke: every number a mean with its interval
+        assert row["seeds"] == 2 and row["test_bpb"]["n"] == 2 and row["infer_tok_s"]["n"] == 2
+        assert row["test_bpb"]["low"] <= row["test_bpb"]["mean"] <= row["test_bpb"]["high"]
+    table = (tmp_path / "figures" / "lm_comparison.md").read_text()
+    assert " ± " in table and table.count("Claim: **") == 2
     for name in ("lm_comparison.md", "lm_learning_curves.png", "lm_memory_sweep.png"):
         assert (tmp_path / "figures" / name).exists()
+    runs = tmp_path / "runs" / "smoke"
+    assert sorted(p.parent.name for p in runs.glob("dense-2L/*/final.json")) == ["seed-0", "seed-1"]
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("finished model retrained"))
     assert cli.main(argv) == 0
     # `pkm-ref train` with the same settings records the same run identity, so the two commands
     # reuse each other's runs (the command once recorded the device as typed, "auto").
-    final = json.loads(next((tmp_path / "runs" / "smoke").glob("*/final.json")).read_text())
+    final = json.loads(next(runs.glob("*/seed-0/final.json")).read_text())
     _, train_config = build_configs(
         cli.build_parser().parse_args(["train", "--profile", "smoke"]), "smoke"
     )
