@@ -93,8 +93,9 @@ def profile_device_name(profile: str) -> str:
     """The profile's own hardware, as a device name: ``"auto"`` (a GPU when there is one) for
     ``gpu``, ``"cpu"`` for ``smoke`` and ``cpu``.
 
-    Results are filed by profile (``figures/`` for cpu, ``figures/gpu/`` for gpu), so a cpu run on
-    a machine with a GPU still measures the CPU unless told otherwise.
+    Results are filed by profile (``results/cpu/``, ``results/gpu/``; the committed reference in
+    ``figures/`` and ``figures/gpu/``), so a cpu run on a machine with a GPU still measures the
+    CPU unless told otherwise.
     """
     return "auto" if profile == "gpu" else "cpu"
 

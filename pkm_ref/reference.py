@@ -149,15 +149,16 @@ def _summary(
     numbers: list[Difference],
     path: Path,
 ) -> str:
-    matching = sum(_match(mine, base) == "matches" for _, mine, base in judged)
+    both = [(verdict, mine, base) for verdict, mine, base in judged if _match(mine, base) != "-"]
+    matching = sum(mine == base for _, mine, base in both)
     lines = [
         f"your run vs the reference in {name} ({_machine(reference)}):",
-        f"  verdicts: {matching} of {len(judged)} match the reference",
+        f"  verdicts: {matching} of the {len(both)} that both runs judged match the reference",
     ]
     lines += [
-        f"    {name}: yours {mine}, reference {base}"
-        for name, mine, base in judged
-        if _match(mine, base) != "matches"
+        f"    differs: {verdict}: yours {mine}, reference {base}"
+        for verdict, mine, base in both
+        if mine != base
     ]
     if numbers:
         noise = sum(d.order == stats.WITHIN_NOISE for d in numbers)
@@ -184,7 +185,8 @@ def _status(judged: dict[str, str | None], name: str) -> str:
 
 
 def _match(mine: str, base: str) -> str:
-    if "not run" in (mine, base):
+    """``matches`` / ``differs``; ``-`` when either run did not judge it."""
+    if {"not run", "no verdict"} & {mine, base}:
         return "-"
     return "matches" if mine == base else "differs"
 

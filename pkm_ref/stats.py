@@ -94,10 +94,16 @@ class Estimate:
         return None if self.half_width is None else self.mean + self.half_width
 
     def describe(self) -> str:
-        """``1.954 ± 0.012`` (mean ± half-width of the 95 % interval), or the value alone."""
-        if self.half_width is None:
+        """``1.954 ± 0.012``: mean ± half-width of the 95 % interval, the half-width to two
+        significant digits (whole numbers from 100 up) and the mean to the same decimal place;
+        one value: the value alone."""
+        half = self.half_width
+        if half is None:
             return _number(self.mean)
-        return f"{_number(self.mean)} ± {_number(self.half_width)}"
+        if half == 0:
+            return f"{_number(self.mean)} ± 0"
+        decimals = max(0, 1 - math.floor(math.log10(half)))
+        return f"{self.mean:,.{decimals}f} ± {half:,.{decimals}f}"
 
     def to_json(self) -> dict:
         """What a result file records: mean, interval, n and the values themselves."""

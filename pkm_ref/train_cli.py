@@ -2,10 +2,11 @@
 
 Taught in ``notebooks/05_train_pkm_lm.ipynb``. Sizes default to the runtime profile's
 (``ModelConfig.for_profile``, ``TrainConfig.for_profile``); every flag overrides one of them.
-The run goes to ``--out`` (default ``runs/<profile>/<model>``): ``checkpoint.pt``, ``log.jsonl``
-and ``final.json``. ``--resume`` continues an interrupted run exactly; Ctrl-C prints the command
-that does it. Under ``torchrun --nproc_per_node N -m pkm_ref train ...`` the run trains on N
-processes (``pkm_ref.distributed``); ``--batch-size`` stays the global batch.
+The run goes to ``--out`` (default ``runs/<profile>/<model>/seed-<seed>``, where
+``pkm-ref compare`` finds it too): ``checkpoint.pt``, ``log.jsonl`` and ``final.json``.
+``--resume`` continues an interrupted run exactly; Ctrl-C prints the command that does it. Under
+``torchrun --nproc_per_node N -m pkm_ref train ...`` the run trains on N processes
+(``pkm_ref.distributed``); ``--batch-size`` stays the global batch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pkm_ref._files import check_writable
 from pkm_ref.cli import Interrupted
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.distributed import World, init_from_environment, launcher
-from pkm_ref.experiment import default_runs_dir, run_name
+from pkm_ref.experiment import default_runs_dir, run_dir, run_name
 from pkm_ref.model import MEMORY_KINDS, VALUE_DTYPES, ModelConfig, middle_layer
 from pkm_ref.profiles import (
     add_device_argument,
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     world = init_from_environment(train_config.device)  # under torchrun: join the others
     splits = load_corpus(args.corpus, args.tokenizer, max_chars=train_config.max_chars)
     model_config = dataclasses.replace(model_config, vocab_size=splits.tokenizer.vocab_size)
-    out = args.out or default_runs_dir() / profile / run_name(model_config)
+    out = args.out or run_dir(default_runs_dir() / profile, run_name(model_config), args.seed)
     check_writable(out, "choose another --out")
     if (out / CHECKPOINT).exists() and not (args.resume or args.force):
         raise ValueError(

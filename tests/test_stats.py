@@ -28,7 +28,9 @@ def test_an_estimate_is_the_mean_with_a_student_t_interval():
     assert (estimate.mean, estimate.n) == (2.0, 3)
     assert estimate.half_width == pytest.approx(half)
     assert (estimate.low, estimate.high) == pytest.approx((2.0 - half, 2.0 + half))
-    assert estimate.describe() == f"2 ± {half:.4g}"
+    assert estimate.describe() == "2.0 ± 2.5"  # the half-width to two significant digits
+    assert Estimate.of([1.954, 1.96, 1.948]).describe() == "1.954 ± 0.015"
+    assert Estimate.of([12_000.0, 12_500.0, 13_000.0]).describe() == "12,500 ± 1,242"
 
 
 def test_one_value_has_no_interval():
