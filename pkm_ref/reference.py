@@ -65,8 +65,14 @@ class Difference:
         return self.difference / abs(self.reference.mean) if self.reference.mean else None
 
     @property
-    def order(self) -> stats.Order:
-        """``higher`` / ``lower`` when the two intervals are separated, else ``within noise``."""
+    def order(self) -> str:
+        """``higher`` / ``lower`` when the two intervals are separated, else ``within noise``. A
+        reference of one run (no interval) is compared as an exact number with your interval;
+        with no interval on either side: ``no interval``."""
+        if self.yours.n < 2 and self.reference.n < 2:
+            return "no interval"
+        if self.reference.n < 2:
+            return stats.compare(self.yours, self.reference.mean)
         return stats.compare(self.yours, self.reference)
 
 
@@ -117,8 +123,9 @@ def write_comparison(
         "",
         "Numbers are means ± the half-width of their 95 % interval over seeds or rounds (a number "
         "without ± is a single run). *vs reference*: `higher` or `lower` when the two intervals "
-        "are separated, `within noise` when they overlap. Speeds and times depend on the machine; "
-        "bits per byte should not, beyond the noise of the seeds.",
+        "are separated (a single reference value counts as exact), `within noise` when they "
+        "overlap. Speeds and times depend on the machine; bits per byte should not, beyond the "
+        "noise of the seeds.",
         "",
         "## Verdicts",
         "",

@@ -40,6 +40,12 @@ def test_every_shared_number_is_set_beside_its_reference(tmp_path):
     assert memory.order == "lower" and found[("dense-2L", "test_bpb")].order == "within noise"
 
 
+def test_a_reference_of_one_run_is_compared_as_an_exact_number():
+    one, mine = stats.Estimate.of([232.0]), stats.Estimate.of([3000.0, 3600.0, 4200.0])
+    assert reference.Difference("t", "r", "c", mine, one).order == "higher"
+    assert reference.Difference("t", "r", "c", one, one).order == "no interval"
+
+
 def test_the_report_names_each_verdict_and_number_and_the_summary_the_differences(tmp_path):
     yours, theirs = tmp_path / "yours", tmp_path / "theirs"
     write(yours, "lm_comparison", lm_rows([1.9, 1.91, 1.89]))  # worse than deep: does not agree
