@@ -465,8 +465,6 @@ def _check_corpus(corpus: str) -> None:
         raise ValueError(str(error)) from None
 
 
-
-
 @contextmanager
 def _environment(**variables: str):
     """Set environment variables for the block (notebook kernels inherit them)."""

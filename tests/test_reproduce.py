@@ -167,12 +167,14 @@ def allocate(mib: int) -> None:
 
 
 def test_each_step_reports_its_own_peak_memory():
-    """Steps run in child processes: a step's peak is its own, not what earlier steps left."""
+    """Steps run in child processes: a step's peak is its own, not what earlier steps left. (A
+    child's peak before its step varies, up to about 1.3 GiB in a full test session, with what
+    starting the child imports: the step holds 2 GiB to stand clear of that.)"""
     small = reproduce._run_in_child(reproduce.Step("small", functools.partial(allocate, 0), 1.0))
-    large = reproduce._run_in_child(reproduce.Step("large", functools.partial(allocate, 600), 1.0))
+    large = reproduce._run_in_child(reproduce.Step("large", functools.partial(allocate, 2048), 1.0))
     again = reproduce._run_in_child(reproduce.Step("again", functools.partial(allocate, 0), 1.0))
-    assert large["peak_ram_gib"] - small["peak_ram_gib"] == pytest.approx(600 / 1024, abs=0.1)
-    assert again["peak_ram_gib"] == pytest.approx(small["peak_ram_gib"], abs=0.1)
+    assert large["peak_ram_gib"] >= max(small["peak_ram_gib"] + 0.7, 2.0)  # the 2 GiB it held
+    assert again["peak_ram_gib"] <= large["peak_ram_gib"] - 0.7  # not what the step before held
     assert large["peak_gpu_gib"] is None  # no CUDA used
 
 
