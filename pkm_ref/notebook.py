@@ -32,7 +32,9 @@ def setup(seed: int = 0) -> tuple[str, torch.device]:
 
 
 def show(fig: Any, name: str) -> None:
-    """Save ``fig`` through ``pkm_ref.figures`` (smoke runs go to scratch) and display it.
+    """Save ``fig`` through ``pkm_ref.figures`` and display it: into ``results/<profile>/`` beside
+    the notebook (smoke: a scratch folder; ``pkm-ref reproduce``: its results folder), never into
+    the committed ``figures/``.
 
     In a notebook the saved PNG itself is displayed as an output of the cell, whatever
     matplotlib's backend (under ``MPLBACKEND=Agg`` a notebook would otherwise be committed without
