@@ -12,6 +12,7 @@ Layers (``pkm_ref.memory``):
     ProductKeyMemory(input_dim, output_dim, n_keys, k_dim, heads, knn, query_norm="batchnorm")
     FlatKeyMemory(input_dim, output_dim, n_slots, k_dim, heads, knn, query_norm="batchnorm")
         forward(x (..., input_dim), mask=None (...,) bool) -> (..., output_dim)
+        kernels="auto" (Triton on CUDA when it imports, else torch), "torch" or "triton"
 
 Value read (``pkm_ref.read``; the Triton kernels in ``pkm_ref.read_triton``, imported on use):
     read_bags(table (N, D), indices (B, J), weights (B, J), method="embedding_bag") -> (B, D)

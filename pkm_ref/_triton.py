@@ -1,5 +1,6 @@
 """What the Triton kernels of ``search_triton`` and ``read_triton`` share: importing them with a
-clear error when Triton is missing, and refusing tensors they cannot run on.
+clear error when Triton is missing, asking once whether they import at all (``available``: the
+layers' ``kernels="auto"``), and refusing tensors they cannot run on.
 
 Triton decides when it decorates a kernel whether the kernel is compiled (CUDA) or run by its CPU
 interpreter (``TRITON_INTERPRET=1``, set before ``import triton``); each kernel module records that
@@ -8,6 +9,7 @@ choice as ``INTERPRETED`` when it is imported, and passes it to ``check_runnable
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -30,6 +32,18 @@ def import_kernels(module: str, caller: str, instead: str) -> ModuleType:
             f"torch bring it), or use {instead}",
             name="triton",
         ) from error
+
+
+@functools.cache
+def available() -> bool:
+    """Whether both kernel modules import (triton installed and working): asked once per process,
+    since a layer with ``kernels="auto"`` asks on every forward on CUDA."""
+    try:
+        for module in ("search_triton", "read_triton"):
+            importlib.import_module(f"pkm_ref.{module}")
+    except ImportError:  # no triton, or one that cannot load here: the torch path serves
+        return False
+    return True
 
 
 def check_runnable(device: torch.device, interpreted: bool, caller: str, instead: str) -> None:

@@ -63,6 +63,21 @@ def require_packages(packages: tuple[str, ...], extra: str, what: str = "pkm-ref
         )
 
 
+def add_kernels_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None = "auto"
+) -> None:
+    """The ``--kernels`` option of the commands that build memory layers (``pkm_ref.memory``)."""
+    from pkm_ref.memory import KERNELS
+
+    parser.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default=default,
+        help='who runs the memory search and value read: "auto" (default: Triton on CUDA when it '
+        'imports, else torch), "torch" or "triton"; the speed changes, not the results',
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pkm-ref", description="Product-Key Memory layers: train, measure, reproduce."

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pkm_ref import figures, stats
 from pkm_ref._files import check_writable
-from pkm_ref.cli import Interrupted
+from pkm_ref.cli import Interrupted, add_kernels_argument
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.model import ModelConfig, middle_layer
 from pkm_ref.profiles import (
@@ -70,15 +70,18 @@ def sweep_n_keys(profile: str) -> tuple[int, ...]:
     return by_profile(smoke=(4, 8), cpu=(32, 64, 128), gpu=(128, 256, 512), profile=profile)
 
 
-def variants(profile: str, vocab_size: int = 256) -> list[Variant]:
-    """The models compared at ``profile``: shallow, deep, shallow + memory, and the sweep."""
+def variants(profile: str, vocab_size: int = 256, kernels: str = "auto") -> list[Variant]:
+    """The models compared at ``profile``: shallow, deep, shallow + memory, and the sweep.
+
+    ``kernels`` reaches the memory models only (``MemoryConfig.kernels``): the dense runs stay the
+    same runs, reused whatever kernels the memories use."""
     base = ModelConfig.for_profile(profile, vocab_size=vocab_size)
     deep = dataclasses.replace(base, n_layer=2 * base.n_layer)
     with_memory = dataclasses.replace(base, memory_layers=(middle_layer(base.n_layer),))
     models = [Variant(run_name(base), "shallow", base), Variant(run_name(deep), "deep", deep)]
     for n_keys in sweep_n_keys(profile):
         config = dataclasses.replace(
-            with_memory, memory=dataclasses.replace(base.memory, n_keys=n_keys)
+            with_memory, memory=dataclasses.replace(base.memory, n_keys=n_keys, kernels=kernels)
         )
         role = "memory" if n_keys == base.memory.n_keys else "sweep"
         models.append(Variant(run_name(config), role, config))
@@ -86,13 +89,16 @@ def variants(profile: str, vocab_size: int = 256) -> list[Variant]:
 
 
 def run_name(config: ModelConfig) -> str:
-    """``dense-4L``, ``pkm-2L-n64``, ``flat-2L-n64``, or ``pkm-2L-n64-bf16`` for bfloat16 values:
-    a run directory's name."""
+    """A run directory's name: ``dense-4L``, ``pkm-2L-n64``, ``flat-2L-n64``; ``-bf16`` added for
+    bfloat16 values, ``-torch`` or ``-triton`` for kernels chosen other than "auto" (the same
+    model, trained at another speed: its times are its own)."""
     if not config.memory_layers:
         return f"dense-{config.n_layer}L"
-    kind = "pkm" if config.memory.kind == "product" else "flat"
-    values = "-bf16" if config.memory.value_dtype == "bfloat16" else ""
-    return f"{kind}-{config.n_layer}L-n{config.memory.n_keys}{values}"
+    memory = config.memory
+    kind = "pkm" if memory.kind == "product" else "flat"
+    values = "-bf16" if memory.value_dtype == "bfloat16" else ""
+    kernels = "" if memory.kernels == "auto" else f"-{memory.kernels}"
+    return f"{kind}-{config.n_layer}L-n{memory.n_keys}{values}{kernels}"
 
 
 def default_runs_dir() -> Path:
@@ -266,9 +272,12 @@ def compare(
     seeds: Sequence[int] | None = None,
     device: str | None = None,
     progress: bool = True,
+    kernels: str = "auto",
 ) -> list[dict]:
     """Train (or reuse) every variant of ``profile`` with every seed (default:
-    ``range(seed_count(profile))``), save the table and figures; the rows."""
+    ``range(seed_count(profile))``), save the table and figures; the rows.
+
+    ``kernels`` runs the memory models' search and read (``MemoryConfig.kernels``)."""
     import matplotlib.pyplot as plt
 
     seeds = tuple(range(seed_count(profile))) if seeds is None else tuple(seeds)
@@ -286,7 +295,7 @@ def compare(
     runs_dir = (default_runs_dir() if runs_dir is None else Path(runs_dir)) / profile
     check_writable(runs_dir, "choose another --runs")  # both checked before any training
     figures.output_dir(profile)
-    models = variants(profile, splits.tokenizer.vocab_size)
+    models = variants(profile, splits.tokenizer.vocab_size, kernels)
     results: dict[str, list[dict]] = {}
     for variant in models:
         results[variant.name] = []
@@ -367,6 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds", type=int, default=None, metavar="N",
         help="seeds per model: --seed, --seed + 1, ... (default: 2 for smoke, 3 for cpu and gpu)",
     )  # fmt: skip
+    add_kernels_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -377,7 +387,8 @@ def run(args: argparse.Namespace) -> int:
         if count < 1:
             raise ValueError(f"--seeds must be >= 1, got {count}")
         seeds = range(args.seed, args.seed + count)
-        compare(profile, args.corpus, args.runs, args.force, seeds, args.device, not args.quiet)
+        compare(profile, args.corpus, args.runs, args.force, seeds, args.device, not args.quiet,
+                args.kernels)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(
             "run the same command to continue: finished models are reused and the one in "

@@ -19,6 +19,25 @@ the rows that were read. ``compiled_read=True`` reads with ``gather_sum`` fused 
 table in bfloat16: half the bytes per read, sums and output still in float32.
 ``pkm_ref.sharded_values.shard_values(memory)`` splits the table by rows over the processes of a
 ``torch.distributed`` group; each row is then read on the process that holds it.
+
+``kernels`` picks the code that runs the search and the read (``KERNELS``):
+
+* ``"torch"``: the fast torch search (``product_topk(method="fast")``), then the EmbeddingBag read,
+  or the compiled one with ``compiled_read=True``;
+* ``"triton"``: the fused search of ``pkm_ref.search_triton`` and the read of
+  ``pkm_ref.read_triton`` (CUDA tensors; CPU ones only under Triton's interpreter, for tests);
+* ``"auto"`` (the default): Triton for CUDA inputs when triton imports (compiled, not
+  interpreted) and the query is float32, bfloat16 or float16; torch otherwise, on CPU always (even
+  under ``TRITON_INTERPRET=1``, which is for tests). Decided on every forward from the input's
+  device, so a layer moved between CPU and GPU keeps working.
+
+Kernels change the speed, not the results: every path finds the same slots and the same sums, up
+to rounding (summation order; a bfloat16 table's rows are weighed and summed in float32 by Triton
+and by the compiled read, in bfloat16 by EmbeddingBag) and to how exact ties are broken. The flat
+layer's search has no Triton path: there ``kernels`` picks the read only. ``compiled_read=True``
+is a choice among the torch reads: with it ``"auto"`` resolves to torch everywhere, and
+``"triton"`` refuses it. A sharded table is read on its owners by EmbeddingBag: there ``kernels``
+picks the search only.
 """
 
 from __future__ import annotations
@@ -29,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pkm_ref import _checks
+from pkm_ref import _checks, _triton
 from pkm_ref.query import QueryNetwork
 from pkm_ref.read import read_bags
 from pkm_ref.search import flat_topk, product_topk
@@ -39,12 +58,16 @@ from pkm_ref.sharded_values import ShardedValues
 # how SplitOptimizer trains a bfloat16 table through a float32 master copy).
 VALUE_DTYPES = (torch.float32, torch.bfloat16)
 
+# Who runs the search and the read (see the module docstring).
+KERNELS = ("auto", "torch", "triton")
+
 
 class _KeyValueMemory(nn.Module):
     """What flat- and product-key memories share: query network, value table, forward pass.
 
-    Subclasses own the keys and implement ``_search(query) -> (scores, indices)`` for a query of
-    shape (N, H, k_dim), returning two (N, H, knn) tensors.
+    Subclasses own the keys and implement ``_search(query, triton) -> (scores, indices)`` for a
+    query of shape (N, H, k_dim), returning two (N, H, knn) tensors; ``triton`` asks for the Triton
+    search where the subclass has one.
     """
 
     n_slots: int
@@ -64,12 +87,19 @@ class _KeyValueMemory(nn.Module):
         sparse: bool,
         compiled_read: bool,
         value_dtype: torch.dtype,
+        kernels: str,
     ):
         super().__init__()
         if sparse and compiled_read:
             raise ValueError(
                 "compiled_read=True gives the value table a dense gradient; it cannot be combined "
                 "with sparse=True"
+            )
+        self.kernels = _checks.one_of("kernels", kernels, KERNELS)
+        if compiled_read and kernels == "triton":
+            raise ValueError(
+                'compiled_read=True picks the torch.compile read, kernels="triton" the Triton one: '
+                'use compiled_read=False with kernels="triton", or kernels="torch" (or "auto")'
             )
         self.input_dim = _checks.positive_int("input_dim", input_dim)
         self.output_dim = _checks.positive_int("output_dim", output_dim)
@@ -95,7 +125,7 @@ class _KeyValueMemory(nn.Module):
         self.last_indices: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
 
-    def _search(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, query: torch.Tensor, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,7 +163,10 @@ class _KeyValueMemory(nn.Module):
         inputs = F.dropout(inputs, self.input_dropout, self.training)  # (N, input_dim)
         query = self.query(inputs, flat_mask)  # (N, H, k_dim)
         query = F.dropout(query, self.query_dropout, self.training)  # (N, H, k_dim)
-        scores, indices = self._search(query)  # (N, H, knn) each
+        triton = _runs_triton(  # decided per call: the layer may have moved to another device
+            self.kernels, self.compiled_read, query.device, query.dtype, type(self).__name__
+        )
+        scores, indices = self._search(query, triton)  # (N, H, knn) each
         # Softmax in at least float32 even under reduced precision, and no rounding back to the
         # scores' 16 bits: the weights reach the value read as they were computed.
         softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
@@ -145,7 +178,7 @@ class _KeyValueMemory(nn.Module):
         if isinstance(self.values, ShardedValues):  # rows read where they live: shard_values
             out = self.values(bags, bag_weights)  # (N, output_dim)
         else:
-            method = "compiled" if self.compiled_read else "embedding_bag"
+            method = "triton" if triton else "compiled" if self.compiled_read else "embedding_bag"
             out = read_bags(  # (N, output_dim), float32 for float32 and bfloat16 tables
                 self.values.weight, bags, bag_weights, method, self.sparse
             )
@@ -161,7 +194,7 @@ class _KeyValueMemory(nn.Module):
         return (
             f"input_dim={self.input_dim}, output_dim={self.output_dim}, n_slots={self.n_slots}, "
             f"k_dim={self.k_dim}, heads={self.heads}, knn={self.knn}, "
-            f"query_norm={self.query.norm_kind!r}, sparse={self.sparse}"
+            f"query_norm={self.query.norm_kind!r}, sparse={self.sparse}, kernels={self.kernels!r}"
             + (", compiled_read=True" if self.compiled_read else "")
             + (f", value_dtype={self.value_dtype}" if self.value_dtype != torch.float32 else "")
         )
@@ -172,11 +205,39 @@ class _KeyValueMemory(nn.Module):
         return self.values.weight.dtype
 
 
+def _runs_triton(
+    kernels: str, compiled_read: bool, device: torch.device, dtype: torch.dtype, layer: str
+) -> bool:
+    """Whether a forward of a ``layer`` (its class name) with these ``kernels`` and
+    ``compiled_read`` runs the Triton kernels, for a query of ``dtype`` on ``device``.
+
+    ``"triton"`` on a device where the kernels cannot run raises, naming the layer and what to
+    choose instead. ``"auto"`` asks on every forward, so it stays cheap: whether triton imports is
+    asked once per process (``_triton.available``).
+    """
+    if kernels == "torch":
+        return False
+    if kernels == "triton":
+        caller = f'{layer}(kernels="triton")'
+        read_kernels = _triton.import_kernels("read_triton", caller, 'kernels="torch"')
+        instead = 'kernels="auto" (torch where Triton cannot run) or "torch"'
+        _triton.check_runnable(device, read_kernels.INTERPRETED, caller, instead)
+        return True
+    if device.type != "cuda" or compiled_read or not _triton.available():
+        return False
+    from pkm_ref import search_triton  # imported by ``available`` already: a lookup
+
+    # Compiled kernels only: the interpreter (TRITON_INTERPRET=1) is for tests, not for speed.
+    return not search_triton.INTERPRETED and dtype in search_triton.SCORE_DTYPES
+
+
 class FlatKeyMemory(_KeyValueMemory):
     """A memory layer whose keys are searched exhaustively: O(n_slots * k_dim) per query.
 
     The baseline that product keys beat. Each head has its own (n_slots, k_dim) keys; all heads
-    share one (n_slots, output_dim) value table.
+    share one (n_slots, output_dim) value table. The arguments are ``ProductKeyMemory``'s, with
+    ``n_slots`` for ``n_keys``; ``kernels`` picks the value read only, since the exhaustive search
+    has no Triton path (it is one matmul and a top-k per block of keys, in torch).
 
     ``forward(x, mask=None)``: (..., input_dim) -> (..., output_dim).
     """
@@ -196,17 +257,18 @@ class FlatKeyMemory(_KeyValueMemory):
         sparse: bool = False,
         compiled_read: bool = False,
         value_dtype: torch.dtype = torch.float32,
+        kernels: str = "auto",
     ):
         n_slots = _checks.positive_int("n_slots", n_slots)
         super().__init__(
-            input_dim, output_dim, n_slots, k_dim, heads, knn, query_norm,
-            input_dropout, query_dropout, value_dropout, sparse, compiled_read, value_dtype,
+            input_dim, output_dim, n_slots, k_dim, heads, knn, query_norm, input_dropout,
+            query_dropout, value_dropout, sparse, compiled_read, value_dtype, kernels,
         )  # fmt: skip
         bound = 1.0 / math.sqrt(k_dim)
         self.keys = nn.Parameter(torch.empty(heads, n_slots, k_dim).uniform_(-bound, bound))
 
-    def _search(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return flat_topk(query, self.keys, self.knn)  # (N, H, knn) each
+    def _search(self, query: torch.Tensor, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return flat_topk(query, self.keys, self.knn)  # (N, H, knn) each; no Triton search
 
 
 class ProductKeyMemory(_KeyValueMemory):
@@ -233,6 +295,9 @@ class ProductKeyMemory(_KeyValueMemory):
             EmbeddingBag (faster on GPU; dense gradients, so not with ``sparse``).
         value_dtype: the value table's dtype, ``torch.float32`` or ``torch.bfloat16`` (half the
             bytes per read; ``SplitOptimizer`` trains it through a float32 master copy).
+        kernels: who runs the search and the read, ``"auto"`` (Triton on CUDA when it imports,
+            else torch), ``"torch"`` or ``"triton"``: speed only, the same results up to rounding
+            (see the module docstring).
     """
 
     def __init__(
@@ -250,20 +315,22 @@ class ProductKeyMemory(_KeyValueMemory):
         sparse: bool = False,
         compiled_read: bool = False,
         value_dtype: torch.dtype = torch.float32,
+        kernels: str = "auto",
     ):
         n_keys = _checks.positive_int("n_keys", n_keys)
         k_dim = _checks.even_int("k_dim", k_dim)
         super().__init__(
-            input_dim, output_dim, n_keys * n_keys, k_dim, heads, knn, query_norm,
-            input_dropout, query_dropout, value_dropout, sparse, compiled_read, value_dtype,
+            input_dim, output_dim, n_keys * n_keys, k_dim, heads, knn, query_norm, input_dropout,
+            query_dropout, value_dropout, sparse, compiled_read, value_dtype, kernels,
         )  # fmt: skip
         self.n_keys = n_keys
         half = k_dim // 2
         bound = 1.0 / math.sqrt(half)
         self.subkeys = nn.Parameter(torch.empty(heads, 2, n_keys, half).uniform_(-bound, bound))
 
-    def _search(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return product_topk(query, self.subkeys, self.knn)  # (N, H, knn) each
+    def _search(self, query: torch.Tensor, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        method = "triton" if triton else "fast"
+        return product_topk(query, self.subkeys, self.knn, method)  # (N, H, knn) each
 
     def extra_repr(self) -> str:
         return f"n_keys={self.n_keys}, " + super().extra_repr()

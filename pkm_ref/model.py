@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pkm_ref import _checks
-from pkm_ref.memory import FlatKeyMemory, ProductKeyMemory, _KeyValueMemory
+from pkm_ref.memory import KERNELS, FlatKeyMemory, ProductKeyMemory, _KeyValueMemory
 from pkm_ref.profiles import by_profile
 
 MEMORY_KINDS = ("product", "flat")
@@ -47,6 +47,7 @@ class MemoryConfig:
     sparse: bool = False
     compiled_read: bool = False  # fused torch.compile value read (see ``pkm_ref.memory``)
     value_dtype: str = "float32"  # or "bfloat16": half the bytes per read (see ``pkm_ref.optim``)
+    kernels: str = "auto"  # "torch" or "triton": speed, not results (see ``pkm_ref.memory``)
     input_dropout: float = 0.0
     query_dropout: float = 0.0
     value_dropout: float = 0.0
@@ -54,6 +55,7 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         _checks.one_of("memory kind", self.kind, MEMORY_KINDS)
         _checks.one_of("value_dtype", self.value_dtype, VALUE_DTYPES)  # a name: saved as JSON
+        _checks.one_of("kernels", self.kernels, KERNELS)
         for name in ("n_keys", "k_dim", "heads", "knn"):  # plain ints: configs are saved as JSON
             setattr(self, name, _checks.positive_int(name, getattr(self, name)))
 
@@ -162,7 +164,7 @@ def build_memory(config: ModelConfig) -> _KeyValueMemory:
     m = config.memory
     options = dict(
         k_dim=m.k_dim, heads=m.heads, knn=m.knn, query_norm=m.query_norm, sparse=m.sparse,
-        compiled_read=m.compiled_read, value_dtype=getattr(torch, m.value_dtype),
+        compiled_read=m.compiled_read, value_dtype=getattr(torch, m.value_dtype), kernels=m.kernels,
         input_dropout=m.input_dropout, query_dropout=m.query_dropout, value_dropout=m.value_dropout,
     )  # fmt: skip
     if m.kind == "product":

@@ -351,7 +351,8 @@ def fits(knn: int, n_keys: int) -> bool:
     return _candidates_pad(knn, n_keys) <= _MAX_CANDIDATES_PAD
 
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The query dtypes the kernel ranks (a layer's kernels="auto" leaves others to the torch path).
+SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _compute_dtype(halves: torch.Tensor) -> torch.dtype:
@@ -359,9 +360,9 @@ def _compute_dtype(halves: torch.Tensor) -> torch.dtype:
     lets the sub-keys' dtype differ from the query's only under autocast, which casts both)."""
     dtype = halves.dtype
     device = halves.device.type
-    if dtype in _KERNEL_DTYPES and torch.is_autocast_enabled(device):
+    if dtype in SCORE_DTYPES and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-    if dtype not in _KERNEL_DTYPES:
+    if dtype not in SCORE_DTYPES:
         raise TypeError(
             f'product_topk(method="triton") ranks float32, bfloat16 or float16 scores, got {dtype}'
             ' (a score and an index share one 64-bit key); use method="fast"'

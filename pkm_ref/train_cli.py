@@ -18,7 +18,7 @@ import shlex
 from pathlib import Path
 
 from pkm_ref._files import check_writable
-from pkm_ref.cli import Interrupted
+from pkm_ref.cli import Interrupted, add_kernels_argument
 from pkm_ref.data import available_corpora, load_corpus
 from pkm_ref.distributed import World, init_from_environment, launcher
 from pkm_ref.experiment import default_runs_dir, run_dir, run_name
@@ -76,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--value-dtype", choices=VALUE_DTYPES, default=None,
         help="the value table's dtype: bfloat16 halves the bytes read (a float32 master trains it)",
     )  # fmt: skip
+    add_kernels_argument(model, default=None)
     run_group = parser.add_argument_group("training (default: the profile's)")
     run_group.add_argument("--steps", type=int, default=None)
     run_group.add_argument("--batch-size", type=int, default=None)
@@ -105,7 +106,7 @@ def build_configs(args: argparse.Namespace, profile: str) -> tuple[ModelConfig, 
     memory_fields = _given(
         args, {"memory_kind": "kind", "n_keys": "n_keys", "k_dim": "k_dim",
                "memory_heads": "heads", "knn": "knn", "value_dropout": "value_dropout",
-               "value_dtype": "value_dtype"},
+               "value_dtype": "value_dtype", "kernels": "kernels"},
     )  # fmt: skip
     if args.query_norm is not None:
         memory_fields["query_norm"] = None if args.query_norm == "none" else args.query_norm

@@ -167,6 +167,20 @@ def test_value_dtype_config_builds_bfloat16_tables() -> None:
         MemoryConfig(value_dtype="float16")
 
 
+def test_kernels_config_reaches_the_layers() -> None:
+    """``MemoryConfig.kernels`` builds layers with those kernels; a config saved before the field
+    existed reads back as "auto"."""
+    memory_config = dataclasses.replace(TINY_MEMORY, kernels="torch")
+    config = tiny_config(memory_layers=(1,), memory=memory_config)
+    (memory,) = LanguageModel(config).memory_layers()
+    assert memory.kernels == "torch"
+    saved = dataclasses.asdict(config)
+    del saved["memory"]["kernels"]  # as in a checkpoint written before kernels
+    assert ModelConfig(**saved).memory.kernels == "auto"
+    with pytest.raises(ValueError, match=r"kernels must be one of \['auto', 'torch', 'triton'\]"):
+        MemoryConfig(kernels="cuda")
+
+
 def test_parameter_counts() -> None:
     dense = LanguageModel(tiny_config())
     counts = dense.parameter_counts()

@@ -13,7 +13,7 @@ import torch
 
 from pkm_ref import cli
 from pkm_ref.data import CorpusSplits, load_corpus
-from pkm_ref.experiment import run_name
+from pkm_ref.experiment import run_name, variants
 from pkm_ref.model import MEMORY_KINDS, ModelConfig
 from pkm_ref.train import (
     CHECKPOINT,
@@ -164,14 +164,16 @@ def test_fit_logs_and_reuses_finished_runs(
 def test_runs_saved_before_a_config_field_existed_still_match(
     tmp_path: Path, splits: CorpusSplits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A final.json or checkpoint without ``value_dtype`` (older runs) is the float32 run: reused
-    and resumable, not retrained; a bfloat16 run of the same model is another run."""
+    """A final.json or checkpoint without ``value_dtype`` and ``kernels`` (older runs) is the run
+    with float32 values and "auto" kernels: reused and resumable, not retrained; a bfloat16 run,
+    or one with kernels chosen, of the same model is another run."""
     metrics = train_or_reuse(MEMORY_MODEL, TRAIN, tmp_path, splits, progress=False)
     final = json.loads((tmp_path / FINAL).read_text())
-    del final["model_config"]["memory"]["value_dtype"]
-    (tmp_path / FINAL).write_text(json.dumps(final))
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
-    del state["model_config"]["memory"]["value_dtype"]
+    for saved in (final, state):
+        del saved["model_config"]["memory"]["value_dtype"]
+        del saved["model_config"]["memory"]["kernels"]
+    (tmp_path / FINAL).write_text(json.dumps(final))
     torch.save(state, tmp_path / CHECKPOINT)
     trainer = Trainer(MEMORY_MODEL, TRAIN, tmp_path, splits)
     trainer.load_checkpoint()  # no "different model config" error
@@ -185,8 +187,12 @@ def test_runs_saved_before_a_config_field_existed_still_match(
     bfloat16 = dataclasses.replace(
         MEMORY_MODEL, memory=dataclasses.replace(MEMORY_MODEL.memory, value_dtype="bfloat16")
     )
-    with pytest.raises(AssertionError, match="trained again"):
-        train_or_reuse(bfloat16, TRAIN, tmp_path, splits)
+    torch_kernels = dataclasses.replace(
+        MEMORY_MODEL, memory=dataclasses.replace(MEMORY_MODEL.memory, kernels="torch")
+    )
+    for other in (bfloat16, torch_kernels):
+        with pytest.raises(AssertionError, match="trained again"):
+            train_or_reuse(other, TRAIN, tmp_path, splits)
 
 
 def test_train_and_sample_commands_end_to_end(
@@ -230,6 +236,32 @@ def test_value_dtype_flag_names_its_own_run() -> None:
     assert run_name(model_config) == "pkm-2L-n8-bf16" and run_name(MEMORY_MODEL) == "pkm-2L-n8"
     with pytest.raises(SystemExit):  # argparse: invalid choice
         cli.build_parser().parse_args([*argv[:-1], "float16"])
+
+
+def test_kernels_flag_reaches_the_memory_and_names_its_run() -> None:
+    """``--kernels triton`` reaches MemoryConfig and trains into its own directory; "auto" keeps
+    the name runs had before the option existed; a dense model has no kernels to choose."""
+    argv = ["train", "--profile", "smoke", "--memory-layers", "mid", "--kernels", "triton"]
+    model_config, _ = build_configs(cli.build_parser().parse_args(argv), "smoke")
+    assert model_config.memory.kernels == "triton"
+    assert run_name(model_config) == "pkm-2L-n8-triton"
+    auto = cli.build_parser().parse_args([*argv[:-2], "--value-dtype", "bfloat16"])
+    model_config, _ = build_configs(auto, "smoke")
+    assert model_config.memory.kernels == "auto" and run_name(model_config) == "pkm-2L-n8-bf16"
+    dense = cli.build_parser().parse_args(["train", "--profile", "smoke", "--kernels", "torch"])
+    with pytest.raises(ValueError, match="memory options need --memory-layers"):
+        build_configs(dense, "smoke")
+
+
+def test_compare_gives_the_kernels_to_the_memory_models_only() -> None:
+    """``compare --kernels``: the dense runs stay the runs of any other kernels (reused)."""
+    models = {v.role: v for v in variants("smoke", kernels="torch")}
+    assert models["memory"].config.memory.kernels == "torch"
+    assert models["memory"].name == "pkm-2L-n8-torch"
+    plain = {v.role: v for v in variants("smoke")}
+    for role in ("shallow", "deep"):
+        assert models[role] == plain[role]
+    assert plain["memory"].name == "pkm-2L-n8"
 
 
 def test_a_shorter_run_keeps_the_shape_of_the_schedule() -> None:
