@@ -34,7 +34,6 @@ recomputing the winners' scores in torch, as ``flat_topk``'s do.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -254,23 +253,33 @@ def staircase(knn: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _staircase(knn, n_keys, torch.device("cpu"))
 
 
-@functools.lru_cache(maxsize=64)
+# Staircases by (knn, n_keys, device): a plain dict, read by torch.compile as the tensors it holds.
+_STAIRCASES: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _staircase(knn: int, n_keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``staircase`` cached per (knn, n_keys, device); built in O(C) memory, no k*k mask."""
-    with torch.inference_mode(False):  # cached tensors must also serve later autograd calls
-        return _build_staircase(knn, n_keys, device)
+    """``staircase`` cached per (knn, n_keys, device), built from Python ints in O(C), no k*k mask.
+
+    Neither an ``lru_cache`` (torch.compile skips the cache, with a warning) nor torch ops whose
+    output sizes depend on data (they broke a compiled layer's graph in six places, rebuilding
+    the staircase on every call): a compiled layer reads the cached tensors, or bakes the ints in.
+    """
+    key = (knn, n_keys, torch.device(device))
+    if key not in _STAIRCASES:
+        _STAIRCASES[key] = _build_staircase(knn, n_keys, key[2])
+    return _STAIRCASES[key]
 
 
 def _build_staircase(
     knn: int, n_keys: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    ranks = torch.arange(min(knn, n_keys))  # (k',) 0-based rank in the first half
-    row_len = (knn // (ranks + 1)).clamp(max=n_keys)  # (k',) partners of each first-half rank
-    _check_candidates(int(row_len.sum()), knn)
-    rank1 = ranks.repeat_interleave(row_len)  # (C,)
-    row_start = (row_len.cumsum(0) - row_len).repeat_interleave(row_len)  # (C,)
-    rank2 = torch.arange(rank1.numel()) - row_start  # (C,) 0 .. row_len - 1 within each row
-    return rank1.to(device), rank2.to(device)
+    # Partners of each 0-based first-half rank r1 < k': second-half ranks r2 < knn // (r1 + 1).
+    row_lengths = [min(n_keys, knn // (rank + 1)) for rank in range(min(knn, n_keys))]
+    _check_candidates(sum(row_lengths), knn)
+    rank1 = [rank for rank, length in enumerate(row_lengths) for _ in range(length)]  # C ints
+    rank2 = [partner for length in row_lengths for partner in range(length)]  # C ints
+    with torch.inference_mode(False):  # cached tensors must also serve later autograd calls
+        return torch.tensor(rank1, device=device), torch.tensor(rank2, device=device)  # (C,) each
 
 
 def _check_candidates(count: int, knn: int) -> None:

@@ -201,10 +201,10 @@ def test_slot_indices_past_int32(method):
 def test_very_large_knn_is_refused(monkeypatch, method):
     """A knn whose candidates per row would overflow top-k indexing fails with a clear message."""
     monkeypatch.setattr(search, "_MAX_CANDIDATES", 50)
-    search._staircase.cache_clear()
+    search._STAIRCASES.clear()
     with pytest.raises(ValueError, match="candidates per query"):
         product_topk(torch.randn(3, 4), torch.randn(2, 20, 2), knn=40, method=method)
-    search._staircase.cache_clear()
+    search._STAIRCASES.clear()
 
 
 @pytest.mark.parametrize("method", ["fast", "reference", "triton"])
