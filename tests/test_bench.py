@@ -4,6 +4,7 @@ No timed assertions: benchmarks measure, they do not pass or fail on speed.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import tempfile
@@ -164,13 +165,168 @@ def tiny_settings() -> bench.Settings:
     )
 
 
+LIMITS = {"memory_bandwidth_GBps": 10.0, "matmul_GFLOPps": 100.0}
+
+
 def test_layer_bench_measures_every_case():
-    limits = {"memory_bandwidth_GBps": 10.0, "matmul_GFLOPps": 100.0}
-    rows = bench.bench_layer(tiny_settings(), limits)
+    """The torch layer at every size, and at the goals' size (here 2^8) under torch.compile."""
+    rows = bench.bench_layer(tiny_settings(), LIMITS)
     cases = {row["case"] for row in rows}
     assert cases == {"FFN forward", "FFN train step", "product forward", "product train step",
-                     "lower bound", "value step, Adam", "value step, SparseAdam"}  # fmt: skip
+                     "product forward (compiled)", "lower bound", "value step, Adam",
+                     "value step, SparseAdam"}  # fmt: skip
     assert bench.lookup(rows, "lower bound", 2**8).mean > 0
+    assert bench.goal_size((8, 10, 22)) == 2**10 and bench.goal_size((12, 20, 22)) == 2**20
+    assert bench.goal_size((22, 24)) is None
+
+
+# The device the Triton kernels run on in this process: CUDA, else the interpreter's CPU.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("part", ["retrieval", "layer", "paper"])
+def test_triton_rows_are_measured_where_the_kernels_run(part):
+    """With ``Settings.triton`` every bench adds its Triton rows beside the torch ones: run here
+    at toy sizes (on CPU in Triton's interpreter, which the bench itself never times)."""
+    pytest.importorskip("triton", reason="triton is in the dev extra on Linux only")
+    settings = dataclasses.replace(
+        bench.default_settings("smoke", KERNEL_DEVICE),
+        sizes=(6,), queries=4, flat_queries=4, repeat=1, rounds=1, paper_batch=(1, 8),
+        triton=True, triton_note="",
+    )  # fmt: skip
+    measure = {"retrieval": lambda: bench._retrieval_at(6, settings),
+               "layer": lambda: bench.bench_layer(settings, LIMITS),
+               "paper": lambda: bench.bench_paper(settings, LIMITS)}[part]  # fmt: skip
+    rows = measure()
+    triton = {
+        "retrieval": set(bench.TRITON_RETRIEVAL_CASES),
+        "layer": {"product forward (triton)", "product forward (triton, bf16 values)",
+                  "product forward (triton), 4x tokens", "product train step (triton)",
+                  "lower bound, 4x tokens"},
+        "paper": {"L + memory (triton)", "L + memory (triton, bf16 values)",
+                  "memory layer (triton)", "memory layer (triton, bf16 values)"},
+    }[part]  # fmt: skip
+    cases = {row["case"] for row in rows}
+    assert triton <= cases and cases - triton, "Triton rows beside the torch ones"
+    assert all(row["median_ms"] > 0 for row in rows if row["case"] in triton)
+    if part == "retrieval":
+        speeds = {row["case"]: row["GBps"] for row in rows if row["case"] in triton}
+        assert speeds["product keys (triton)"] is None and speeds["value read (triton)"] > 0
+
+
+def test_kernel_rows_say_where_triton_is_measured(monkeypatch):
+    """Triton rows where the kernels run compiled (CUDA); elsewhere none, and the reason."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench.kernel_rows("auto", cpu) == (
+        False, "Triton rows not measured: Triton kernels run on CUDA only (cpu here)"
+    )  # fmt: skip
+    assert bench.kernel_rows("torch", cuda) == (False, "not measured: --kernels torch")
+    with pytest.raises(ValueError, match="--kernels triton: Triton kernels run on CUDA only"):
+        bench.kernel_rows("triton", cpu)
+    monkeypatch.setattr(bench._triton, "available", lambda: False)
+    assert "triton does not import here" in bench.kernel_rows("auto", cuda)[1]
+    if importlib.util.find_spec("triton") is None:
+        return
+    from pkm_ref import search_triton
+
+    monkeypatch.setattr(bench._triton, "available", lambda: True)
+    monkeypatch.setattr(search_triton, "INTERPRETED", False)
+    assert bench.kernel_rows("auto", cuda) == bench.kernel_rows("triton", cuda) == (True, "")
+    monkeypatch.setattr(search_triton, "INTERPRETED", True)
+    assert "interpreted" in bench.kernel_rows("auto", cuda)[1]
+
+
+def test_kernels_option_of_the_bench_command(capsys):
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        cli.main(["bench", "layer", "--profile", "smoke", "--kernels", "cuda"])
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "paper", "--profile", "smoke", "--kernels", "triton"]) == 2
+        assert "--kernels triton: Triton kernels run on CUDA only" in capsys.readouterr().err
+
+
+GPU = {"device_type": "cuda", "queries": 4096, "memory_bandwidth_GBps": 4000.0}
+
+
+def test_layer_goals_on_a_gpu_judge_the_triton_layer_against_its_bound():
+    rows = rounds_of({
+        "product forward": [1.5, 1.6, 1.55], "lower bound": [0.25, 0.25, 0.25],
+        "product forward (triton)": [0.40, 0.41, 0.42],  # 1.6 to 1.7 x the bound: met
+        "lower bound, 4x tokens": [0.5, 0.5, 0.5],
+        "product forward (triton), 4x tokens": [1.2, 1.25, 1.3],  # 2.4 to 2.6 x: not met
+    })  # fmt: skip
+    rows += rounds_of({"product forward": [1.0, 1.0, 1.0]}, slots=2**12)
+    goals = {goal.text: goal for goal in bench.layer_goals(rows, GPU)}
+    assert goals["product layer 2^20 / 2^12 time"].status == "met"
+    assert goals["product layer (triton) 2^20 / lower bound"].status == "met"
+    assert goals["product layer (triton) 2^20 / lower bound, 4x tokens"].status == "not met"
+    cpu = {goal.text for goal in bench.layer_goals(rows, {"device_type": "cpu"})}
+    assert cpu == {"product layer 2^20 / lower bound"}, "the 2^20 / 2^12 CPU goal is retired"
+
+
+def test_retrieval_goals_on_a_gpu_ask_70_percent_of_the_bandwidth_of_the_triton_read():
+    reads = {"value read": [1000.0] * 3, "value read (compiled)": [2400.0, 2500.0, 2450.0],
+             "value read (triton)": [3000.0, 3100.0, 2900.0]}  # fmt: skip
+    rows = bench.combine_rounds([
+        [bench._row(case, 2**20, bench.Timing(1e-3, 0.0, 3), GBps=speeds[i])
+         for case, speeds in reads.items()]
+        for i in range(3)
+    ])  # fmt: skip
+    goals = {goal.text: goal for goal in bench.retrieval_goals(rows, GPU)}
+    compiled = goals["value read (compiled) / memory bandwidth at 2^20"]
+    assert compiled.target == 0.5 and compiled.status == "met"
+    triton = goals["value read (triton) / memory bandwidth at 2^20"]
+    assert triton.value.mean == pytest.approx(0.75) and triton.status == "within noise"
+
+
+def paper_rows(layer: list[float], memory: list[float], train: list[float]) -> list[dict]:
+    """Rows of the paper bench, three rounds: one dense block takes 1 ms and a 2L dense model's
+    inference 10 ms and training step 30 ms; the Triton memory's layer, inference and training
+    step take ``layer``, ``memory`` and ``train`` ms."""
+    slots = 2**18
+    times = {(bench.BLOCK, None): ([1.0] * 3, None), (bench.DEEP, None): ([10.0] * 3, [30.0] * 3),
+             (bench.memory_layer_case("triton"), slots): (layer, None),
+             (bench.memory_case("triton"), slots): (memory, train)}  # fmt: skip
+    return bench.combine_rounds([
+        [bench._row(case, size, bench.Timing(infer[i] / 1e3, 0.0, 3),
+                    train_ms=None if steps is None else steps[i], layers=None)
+         for (case, size), (infer, steps) in times.items()]
+        for i in range(3)
+    ])  # fmt: skip
+
+
+def test_paper_goals_judge_the_triton_memory_against_the_deep_model():
+    met = paper_rows(layer=[1.2, 1.3, 1.25], memory=[5.0, 5.1, 4.9], train=[18.0, 18.5, 18.2])
+    goals = bench.paper_goals(met, {"device_type": "cuda"})
+    assert [goal.text for goal in goals] == [
+        "memory layer (triton) / dense block forward",
+        "inference L + memory (triton) / dense (2L)",
+        "training step L + memory (triton) / dense (2L)",
+    ]
+    assert [goal.target for goal in goals] == [1.5, 0.55, 0.65]
+    assert [goal.status for goal in goals] == ["met", "met", "met"]
+    missed = paper_rows(layer=[2.0, 2.1, 1.9], memory=[5.0, 6.0, 5.5], train=[25.0, 26.0, 25.5])
+    statuses = [goal.status for goal in bench.paper_goals(missed, {"device_type": "cuda"})]
+    assert statuses == ["not met", "within noise", "not met"]
+    assert bench.paper_goals(met, {"device_type": "cpu"}) == []  # GPU goals
+    without_triton = [row for row in met if "triton" not in row["case"]]
+    goals = bench.paper_goals(without_triton, {"device_type": "cuda"})
+    assert all(goal.status is None for goal in goals)
+
+
+def test_bench_paper_smoke_writes_results_named_by_kernels():
+    assert cli.main(["bench", "paper", "--profile", "smoke"]) == 0
+    results = json.loads((figures.output_dir("smoke") / "bench_paper.json").read_text())
+    cases = [row["case"] for row in results["rows"]]
+    torch_cases = ["L + memory (torch)", "L + memory (torch, compiled read)"]
+    assert cases[:4] == ["dense (L)", "dense (2L)", *torch_cases]
+    assert {row["layers"] for row in results["rows"][:4]} == {2, 4}
+    assert "memory layer (torch)" in cases and bench.BLOCK in cases
+    assert all(row["train_ms"]["mean"] > 0 for row in results["rows"][:4])
+    meta = results["meta"]
+    assert meta["kernels"] == "torch" and "CUDA only" in meta["triton_note"]
+    assert meta["setting"].startswith("d_model 32, 2 attention heads, L = 2 blocks")
+    table = (figures.output_dir("smoke") / "bench_paper.md").read_text()
+    assert "Triton rows not measured" in table
 
 
 def test_model_bench_measures_flat_product_and_depth():

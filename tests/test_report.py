@@ -128,12 +128,12 @@ def test_goals_block_judges_cpu_and_gpu_results(tmp_path):
                 "profile": "p", "date": "today"}  # fmt: skip
         _write(folder, "bench_layer", rows, meta)
     lines = report._goals_block(tmp_path).splitlines()[2:]
-    assert len(lines) == 3  # cpu: ratio and bound; gpu: ratio
-    assert "2^20 / 2^12 time <= 3: 2.5 (95 % interval" in lines[0] and "-> met" in lines[0]
+    assert len(lines) == 4  # cpu: the bound; gpu: the ratio and the Triton layer's two bounds
     assert lines[0].startswith("- cpu device")
-    assert "lower bound <= 4: 5" in lines[1] and "-> not met" in lines[1]
-    assert "2^20 / 2^12 time <= 2" in lines[2] and "-> not met" in lines[2]
-    assert "gpu/bench_layer.md" in lines[2]
+    assert "lower bound <= 4: 5 (95 % interval" in lines[0] and "-> not met" in lines[0]
+    assert "2^20 / 2^12 time <= 2: 2.5" in lines[1] and "-> not met" in lines[1]
+    assert "gpu/bench_layer.md" in lines[1]
+    assert all("(triton)" in line and "not measured" in line for line in lines[2:])
 
 
 def test_headline_block_shows_cpu_and_gpu_comparisons(tmp_path, monkeypatch):
