@@ -7,6 +7,7 @@ Search (``pkm_ref.search``):
     flat_topk(query (..., d), keys (N, d), knn) -> scores, indices (..., knn)
     product_topk(query (..., k_dim), subkeys (2, n, k_dim/2), knn) -> scores, indices (..., knn)
         multi-head: query (..., H, k_dim), subkeys (H, 2, n, k_dim/2) -> (..., H, knn)
+        method "fast" (default), "reference" or "triton" (one fused GPU kernel)
 
 Layers (``pkm_ref.memory``):
     ProductKeyMemory(input_dim, output_dim, n_keys, k_dim, heads, knn, query_norm="batchnorm")
@@ -26,6 +27,10 @@ Optimizer split (``pkm_ref.optim``):
 
 Cost model (``pkm_ref.cost``):
     product_memory_cost(...), flat_memory_cost(...), ffn_cost(...) -> LayerCost per token
+
+Speed, measured (``pkm_ref.bench``, the command ``pkm-ref bench``):
+    retrieval | layer | model | paper, each kernel path in its own rows (``--kernels``); ``paper``:
+    12 blocks + a memory against 24 at the paper's width, inference and one training step
 
 Example:
     >>> import torch, pkm_ref

@@ -73,6 +73,19 @@ def test_the_command_names_the_study_extra(monkeypatch, capsys):
     )
 
 
+def test_bench_needs_no_corpus_package(monkeypatch, capsys):
+    """A lent GPU has torch, tqdm and matplotlib but not the corpora: ``pkm-ref bench`` runs."""
+    from pkm_ref import cli
+
+    assert set(cli.COMMAND_PACKAGES["bench"]) < set(cli.STUDY_PACKAGES)
+    monkeypatch.setattr(cli, "STUDY_PACKAGES", (*cli.STUDY_PACKAGES, "no_such_package_pkm"))
+    with pytest.raises(SystemExit) as stopped:  # argparse's --help: the packages were enough
+        cli.main(["bench", "--help"])
+    assert stopped.value.code == 0 and "--kernels" in capsys.readouterr().out
+    monkeypatch.setitem(cli.COMMAND_PACKAGES, "bench", ("tqdm", "no_such_package_pkm"))
+    assert cli.main(["bench", "--help"]) == 2
+
+
 def test_reproduce_checks_the_notebook_packages_before_any_step(tmp_path, monkeypatch, capsys):
     """Notebook steps need the dev extra: a missing package is named before the hour of training
     and benchmarks that runs first, not at the first notebook."""
