@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -66,11 +67,23 @@ def _in_kernel() -> bool:
 
 
 def attach_widget(function: Callable[..., None], **controls: Any) -> None:
-    """Attach ipywidgets controls to ``function`` (as ``ipywidgets.interactive``) and display them.
+    """Display ``controls`` above an output that ``function`` redraws whenever one of them moves.
 
-    Call it after the static figure has been drawn, so the notebook reads well where widgets do not
-    render (GitHub, nbval, a headless run). ``controls`` are ipywidgets (sliders, dropdowns) keyed
-    by the argument of ``function`` they set. Needs a live kernel to react; the first call draws.
+    ``controls`` are ipywidgets (sliders, dropdowns) keyed by the argument of ``function`` they
+    set. ``function`` prints text and draws matplotlib figures (it may end with ``plt.show()``);
+    each redraw replaces the output with what it printed and every figure it drew, and closes those
+    figures. Call it after the static figure has been drawn, so the notebook reads well where
+    widgets do not render (GitHub, nbval, a headless run). ``function`` must be cheap at smoke
+    sizes. Taught in notebooks 01-03 and 06.
+
+    Frontends that send widget messages on kernel subshells (JupyterLab 4.6 and Notebook 7.6 with
+    ipykernel 7) have a kernel handle them on more than one thread at once, and every widget
+    message ends with the post-execution hooks, matplotlib-inline's figure flush among them: with
+    ``ipywidgets.interact`` one thread's flush showed and closed the figure another thread was
+    still drawing (blank or half-drawn figures, or a mathtext ``ParseException``). Here one redraw
+    runs at a time, a redraw overtaken by a newer change is skipped, and figures are drawn with
+    matplotlib's interactive mode off and shown explicitly, so no figure ever waits in pyplot for a
+    flush.
     """
     try:
         import ipywidgets
@@ -78,5 +91,50 @@ def attach_widget(function: Callable[..., None], **controls: Any) -> None:
     except ImportError:  # plain Python: nothing to attach to
         print("ipywidgets is not installed: pip install ipywidgets for the interactive version")
         return
-    widget = ipywidgets.interactive(function, **controls)
-    display(widget)
+    output = ipywidgets.Output()
+    redraw = _Redraw(function, controls, output)
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    box = ipywidgets.VBox([*controls.values(), output])
+    box.add_class("widget-interact")  # ipywidgets' own layout for interact's boxes
+    display(box)
+    redraw()
+
+
+class _Redraw:
+    """Calls ``function`` with the current values of ``controls`` and shows what it printed and
+    drew in ``output``: one call at a time, whatever thread a change arrives on, and only the
+    newest of the changes that queued up meanwhile."""
+
+    def __init__(self, function: Callable[..., None], controls: dict[str, Any], output: Any):
+        self._function, self._controls, self._output = function, controls, output
+        self._drawing = threading.Lock()  # held while function runs
+        self._counting = threading.Lock()  # guards _waiting
+        self._waiting = 0  # calls waiting for _drawing
+
+    def __call__(self, _change: Any = None) -> None:
+        with self._counting:
+            self._waiting += 1
+        with self._drawing:
+            with self._counting:
+                self._waiting -= 1
+                if self._waiting:  # a newer change waits: it will draw the newest values
+                    return
+            self._draw()
+
+    def _draw(self) -> None:
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        values = {name: control.value for name, control in self._controls.items()}
+        before = set(plt.get_fignums())
+        with self._output:
+            self._output.clear_output(wait=True)
+            try:
+                with plt.ioff():  # no figure queued for matplotlib-inline's flush
+                    self._function(**values)
+                for number in sorted(set(plt.get_fignums()) - before):
+                    display(plt.figure(number))
+            finally:
+                for number in set(plt.get_fignums()) - before:
+                    plt.close(number)
