@@ -39,6 +39,17 @@ def test_badge_summary_and_exercises(path):
     assert "## Summary" in headings and "## Exercises" in headings
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_a_static_figure_comes_before_every_widget(path):
+    """Where widgets do not render (GitHub, nbval, a headless run) the figure is still there."""
+    cells = [_source(c) if c["cell_type"] == "code" else "" for c in _cells(path)]
+    for index, source in enumerate(cells):
+        if "attach_widget(" in source:
+            assert any("notebook.show(" in earlier for earlier in cells[:index]), (
+                f"{path.name} cell {index} attaches a widget before any static figure"
+            )
+
+
 def test_show_embeds_the_figure_under_a_headless_backend(tmp_path, monkeypatch):
     """``pkm_ref.notebook.show`` puts the PNG in the cell's output even with MPLBACKEND=Agg."""
     import nbformat
