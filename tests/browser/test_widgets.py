@@ -3,11 +3,12 @@
 nbval runs the notebooks without a frontend, so it cannot see what a reader sees when a slider
 moves. Here each notebook that calls ``pkm_ref.notebook.attach_widget`` is opened in JupyterLab in
 headless Chromium at the smoke profile and run with Run All; then every control is moved (a slider
-by an arrow key and by a mouse drag, a dropdown to its next option) and, once the kernel is idle
-and the widget has stopped changing, the test checks that the control's value changed, that the
-widget's output changed, that its text is there and its figure fully drawn (the size of the figure
-the cell drew at Run All, with ink across as much of it: not blank, not a strip), that no
-traceback appeared, that the page logged no JavaScript error, and that no output left the widget.
+by an arrow key and by a mouse drag, a dropdown to its next option) and, once the kernel has
+answered every request and the widget has stopped changing, the test checks that the control's
+value changed, that the widget's output changed, that its text is there and its figure fully drawn
+(the size of the figure the cell drew at Run All, with ink across as much of it: not blank, not a
+strip), that no traceback appeared, that the page logged no JavaScript error, and that no output
+left the widget.
 Screenshots of the failing cells are saved under pytest's temporary folder.
 """
 
