@@ -76,9 +76,9 @@ def attach_widget(function: Callable[..., None], **controls: Any) -> None:
     widgets do not render (GitHub, nbval, a headless run). ``function`` must be cheap at smoke
     sizes. Taught in notebooks 01-03 and 06.
 
-    Frontends that send widget messages on kernel subshells (JupyterLab 4.6 and Notebook 7.6 with
-    ipykernel 7) have a kernel handle them on more than one thread at once, and every widget
-    message ends with the post-execution hooks, matplotlib-inline's figure flush among them: with
+    Frontends that send widget messages on kernel subshells (JupyterLab 4.6 by default) have
+    ipykernel 7 handle them on more than one thread at once, and every widget message ends with
+    the post-execution hooks, matplotlib-inline's figure flush among them: with
     ``ipywidgets.interact`` one thread's flush showed and closed the figure another thread was
     still drawing (blank or half-drawn figures, or a mathtext ``ParseException``). Here one redraw
     runs at a time, a redraw overtaken by a newer change is skipped, and figures are drawn with
