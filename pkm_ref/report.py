@@ -308,6 +308,20 @@ FIGURES: dict[str, Figure] = {
         "The retrieval benchmark re-measured at small sizes on the notebook's device: flat keys, "
         "reference and fast product keys, value read.",
     ),
+    "07_staircase_registers": Figure(
+        "Notebooks",
+        "notebooks/07_gpu_kernels.ipynb",
+        "The staircase candidates of the fused Triton search on the rank grid, and their number C "
+        "(and C padded to a power of two, the int64 places a query holds in registers) against "
+        "k, with the kernel's register budget: beyond it the search takes the torch path.",
+    ),
+    "07_gpu_measured": Figure(
+        "Notebooks",
+        "notebooks/07_gpu_kernels.ipynb",
+        "The committed GPU benchmark results (figures/gpu/) replotted: search + read time, the "
+        "read's bandwidth against the measured one and the 70 % goal, the layer's forward "
+        "against its lower bound; the Triton kernels' rows beside the torch ones once measured.",
+    ),
 }
 # Result tables (``<name>.md`` written by pkm_ref.figures.save_results) shown in RESULTS.md.
 TABLES = {
@@ -335,6 +349,8 @@ NOTEBOOK_SUMMARIES = {
     "model.",
     "06_complexity_and_speed": "The analytic cost model and the measured speed: flat vs product "
     "keys, layer vs FFN, model tokens/s.",
+    "07_gpu_kernels": "The Triton kernels beside their torch references: packed top-k keys, the "
+    "staircase in registers, the bag read, a deterministic backward; measured GPU numbers.",
 }
 
 
