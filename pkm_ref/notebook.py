@@ -1,4 +1,5 @@
-"""Small helpers the notebooks share: set-up, showing and saving figures, attaching widgets.
+"""Small helpers the notebooks share: set-up, showing and saving figures, reading the committed
+results, attaching widgets.
 
 Imported by the notebooks only (it uses matplotlib and ipywidgets); the core never imports it.
 """
@@ -18,6 +19,10 @@ from pkm_ref import figures
 from pkm_ref.profiles import current_profile, profile_device
 
 REPOSITORY = "pkm-ref/pkm_ref"  # GitHub owner/name used by the Colab badges and install cells
+# Where a notebook reads committed results when it runs outside a clone (Colab, a pip install).
+RAW_FILES = f"https://raw.githubusercontent.com/{REPOSITORY}/main"
+# The tag of an exercise's solution cell: collapsed in the notebook, committed without outputs.
+SOLUTION_TAG = "solution"
 
 
 def setup(seed: int = 0) -> tuple[str, torch.device]:
@@ -54,6 +59,41 @@ def show(fig: Any, name: str) -> None:
         plt.close(fig)
     else:  # a script or terminal IPython: the backend's own window, if any
         plt.show()
+
+
+def reference_file(name: str, gpu: bool = False) -> bytes | None:
+    """The committed result file ``name`` (``"lm_comparison.json"``, ``"bench_layer.json"``, a
+    figure) of the cpu reference, or of the gpu reference with ``gpu=True``.
+
+    Read from the repository's ``figures/`` (``figures/gpu/``) when pkm_ref runs from a clone;
+    elsewhere (Colab, a pip install: the package ships no results) downloaded from the repository
+    on GitHub, ``RAW_FILES``. One source of truth either way: the committed files. Returns None,
+    after printing a line that says why and what to do, when the file is not committed or cannot
+    be downloaded (offline).
+    """
+    folder = "figures/gpu" if gpu else "figures"
+    if (figures.CHECKOUT / "pyproject.toml").exists():  # a clone: the files are here
+        path = figures.CHECKOUT / folder / name
+        if path.exists():
+            return path.read_bytes()
+        print(f"{folder}/{name} is not committed yet: `pkm-ref reproduce` makes it")
+        return None
+    from urllib.error import HTTPError, URLError
+    from urllib.request import urlopen
+
+    url = f"{RAW_FILES}/{folder}/{name}"
+    try:
+        with urlopen(url, timeout=20) as response:
+            return response.read()
+    except HTTPError as error:
+        print(f"{folder}/{name} could not be downloaded ({error.code} {error.reason}): {url}")
+    except (URLError, TimeoutError) as error:
+        reason = getattr(error, "reason", error)
+        print(
+            f"{folder}/{name} could not be downloaded ({reason}): the committed results are read "
+            f"from GitHub outside a clone of the repository; connect, or clone {REPOSITORY}"
+        )
+    return None
 
 
 def _in_kernel() -> bool:

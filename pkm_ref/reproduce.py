@@ -378,8 +378,8 @@ _GPU_PEAK_PROBE = (
 
 def execute_notebook(path: Path, profile: str, target: Path) -> int:
     """Run ``path`` top to bottom in a fresh kernel with ``PKM_REF_PROFILE=profile`` and write the
-    executed notebook to ``target``. Returns the peak GPU memory of the kernel in bytes (0 without
-    CUDA).
+    executed notebook to ``target``, its exercises' solution cells without their outputs. Returns
+    the peak GPU memory of the kernel in bytes (0 without CUDA).
 
     The kernel runs in the folder of ``path`` (the notebooks' relative paths hold), and writes
     its figures to ``pkm_ref.figures.output_dir``, which ``$PKM_REF_FIGURES`` sets.
@@ -405,9 +405,21 @@ def execute_notebook(path: Path, profile: str, target: Path) -> int:
         ).execute()
     notebook.cells.pop()  # the probe is not part of the notebook
     printed = "".join(output.get("text", "") for output in probe.outputs).strip()
+    _clear_solutions(notebook)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, lambda tmp: tmp.write_text(nbformat.writes(notebook) + "\n"))
     return int(printed or 0)
+
+
+def _clear_solutions(notebook) -> None:
+    """Keep the solution cells of the exercises (tagged ``pkm_ref.notebook.SOLUTION_TAG``) without
+    their outputs: they ran, so every solution works, but a reader sees an answer only by choosing
+    to show the cell and run it."""
+    from pkm_ref.notebook import SOLUTION_TAG
+
+    for cell in notebook.cells:
+        if SOLUTION_TAG in cell.get("metadata", {}).get("tags", []):
+            cell.outputs, cell.execution_count = [], None
 
 
 @contextmanager

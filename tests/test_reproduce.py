@@ -245,6 +245,23 @@ def test_executed_notebooks_keep_their_figures_under_a_headless_backend(tmp_path
     assert any("image/png" in output.get("data", {}) for output in outputs)
 
 
+def test_solution_cells_are_committed_without_their_outputs(tmp_path):
+    """An exercise's solution runs with the notebook (so it works), but its answer stays hidden
+    until the reader shows and runs the cell; every other cell keeps its output."""
+    import nbformat
+
+    from pkm_ref.notebook import SOLUTION_TAG
+
+    lesson = nbformat.v4.new_code_cell("print('lesson')")
+    solution = nbformat.v4.new_code_cell("print('answer')", metadata={"tags": [SOLUTION_TAG]})
+    path = tmp_path / "solutions.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[lesson, solution]), path)
+    reproduce.execute_notebook(path, "smoke", tmp_path / "executed.ipynb")
+    executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "lesson\n"
+    assert executed.cells[1].outputs == [] and executed.cells[1].execution_count is None
+
+
 def test_notebook_kernels_run_without_the_tcp_warning(tmp_path, capfd):
     """The kernel talks over IPC sockets: ipykernel's "Kernel is running over TCP without
     encryption" warning, printed on every notebook run before, is gone (the kernel writes to the
