@@ -246,6 +246,12 @@ FIGURES: dict[str, Figure] = {
         "notebooks/02_product_keys.ipynb",
         "Flat against product-key search time as the number of keys grows, measured and analytic.",
     ),
+    "02_layer_recall": Figure(
+        "Notebooks",
+        "notebooks/02_product_keys.ipynb",
+        "The product-key layer written from scratch learning notebook 01's recall task beside a "
+        "flat-key memory with as many slots, the same k, batchnorm queries and learning rates.",
+    ),
     "03_training_loss": Figure(
         "Notebooks",
         "notebooks/03_batchnorm_queries.ipynb",
