@@ -72,7 +72,7 @@ def test_future_tokens_do_not_change_earlier_logits(
 
 
 def test_batchnorm_queries_leak_the_future_in_training() -> None:
-    # REFERENCE §3: batch statistics mix positions. Eval mode (above) is exactly causal.
+    # Batch statistics mix positions (notebook 03, section 7). Eval mode (above) is exactly causal.
     torch.manual_seed(0)
     model = LanguageModel(tiny_config(memory_layers=(1,))).train()
     assert _future_changes_past(model)
