@@ -1,13 +1,17 @@
 """The committed notebooks keep the conventions of CONTRIBUTING.md, as GitHub shows them."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted(
-    (Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb")
-)
+from pkm_ref.notebook import SOLUTION_TAG
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# The three steps of the exercises, in this order (an exercise may repeat its step's label).
+STEPS = ("*Check your understanding.*", "*Apply.*", "*Open question.*")
 
 
 def _cells(path: Path) -> list[dict]:
@@ -16,6 +20,17 @@ def _cells(path: Path) -> list[dict]:
 
 def _source(cell: dict) -> str:
     return "".join(cell["source"])
+
+
+def _markdown(path: Path) -> list[str]:
+    return [_source(c) for c in _cells(path) if c["cell_type"] == "markdown"]
+
+
+def _exercises(path: Path) -> list[str]:
+    """The text of each numbered exercise under ``## Exercises`` (up to ``## Solutions``)."""
+    text = next((m for m in _markdown(path) if "## Exercises" in m), "")
+    text = text.split("## Exercises", 1)[-1].split("## Solutions", 1)[0]
+    return re.split(r"^\d+\. ", text, flags=re.MULTILINE)[1:]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -66,3 +81,79 @@ def test_show_embeds_the_figure_under_a_headless_backend(tmp_path, monkeypatch):
     outputs = notebook.cells[0].outputs
     assert any("image/png" in output.get("data", {}) for output in outputs)
     assert (tmp_path / "headless.png").exists()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_opens_with_the_passage_of_the_paper_it_implements(path):
+    first = _source(_cells(path)[0])
+    assert "**From the paper**" in first and "§" in first, (
+        f"{path.name}: the first cell names the paper's section it implements (**From the paper**)"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_has_a_predict_then_run_prompt_before_a_code_cell(path):
+    cells = _cells(path)
+    prompts = [
+        i
+        for i, c in enumerate(cells)
+        if c["cell_type"] == "markdown" and "**Predict, then run.**" in _source(c)
+    ]
+    assert prompts, f"{path.name} has no **Predict, then run.** prompt"
+    for i in prompts:
+        assert any(c["cell_type"] == "code" for c in cells[i + 1 : i + 3]), (
+            f"{path.name} cell {i}: a prompt is followed by the cell to run"
+        )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercises_are_graded_and_each_has_a_collapsed_solution(path):
+    exercises = _exercises(path)
+    assert len(exercises) >= 3, f"{path.name}: at least three numbered exercises"
+    steps = []
+    for number, text in enumerate(exercises, start=1):
+        labels = [step for step in STEPS if text.lstrip().startswith(step)]
+        assert labels, f"{path.name} exercise {number} starts with one of {STEPS}"
+        assert "*Hint:*" in text, f"{path.name} exercise {number} has a hint"
+        steps.append(STEPS.index(labels[0]))
+    assert steps == sorted(steps) and set(steps) == {0, 1, 2}, (
+        f"{path.name}: exercises go from checking understanding to applying to an open question"
+    )
+    solutions = [c for c in _cells(path) if SOLUTION_TAG in c["metadata"].get("tags", [])]
+    titles = [_source(c).splitlines()[0] for c in solutions]
+    assert [t.split(":")[0] for t in titles] == [
+        f"# @title Solution {n}" for n in range(1, len(exercises) + 1)
+    ], f"{path.name}: one solution cell per exercise, in order: {titles}"
+    for cell in solutions:
+        assert cell["cell_type"] == "code" and cell["metadata"]["jupyter"]["source_hidden"]
+        assert not cell["outputs"], f"{path.name}: solutions are committed without outputs"
+
+
+def test_the_layer_and_the_block_built_inline_are_checked_against_pkm_ref():
+    """02 builds the product-key layer from scratch, 05 the block with a memory; a checked cell
+    compares each with the library."""
+    for name, inline, library in (
+        ("02_product_keys", "ScratchProductKeyMemory(", "pkm_ref.ProductKeyMemory("),
+        ("05_train_pkm_lm", "MemoryBlock(", "Block(small, use_memory=True)"),
+    ):
+        cells = [_source(c) for c in _cells(ROOT / "notebooks" / f"{name}.ipynb")]
+        assert any(f"class {inline[:-1]}(nn.Module)" in c for c in cells), name
+        assert any(
+            c.startswith("# NBVAL_CHECK_OUTPUT") and inline in c and library in c for c in cells
+        ), f"{name}: no checked cell compares {inline[:-1]} with {library[:-1]}"
+
+
+def test_nothing_refers_to_documents_outside_the_repository():
+    """Facts are cited to their original sources (the paper, XLM), never to a document that
+    only the developers had."""
+    outside = re.compile(r"REFERENCE(\.md|\s*§)|/work/(shared|brief)/")
+    offenders = [
+        f"{path.relative_to(ROOT)}: {match.group(0)}"
+        for pattern in ("*.py", "*.md", "*.ipynb", "*.toml", "*.sh", "*.yml", "*.cfg")
+        for path in ROOT.rglob(pattern)
+        if not any(
+            p.startswith(".") or p in ("results", "runs") for p in path.relative_to(ROOT).parts
+        )
+        for match in outside.finditer(path.read_text(encoding="utf-8", errors="replace"))
+    ]
+    assert not offenders, offenders
