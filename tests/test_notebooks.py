@@ -10,6 +10,8 @@ from pkm_ref.notebook import SOLUTION_TAG
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# The teaching sequence, 00-06, in which every notebook is written to the same plan (issue 18).
+SEQUENCE = [path for path in NOTEBOOKS if int(path.name[:2]) <= 6]
 # The three steps of the exercises, in this order (an exercise may repeat its step's label).
 STEPS = ("*Check your understanding.*", "*Apply.*", "*Open question.*")
 
@@ -83,7 +85,7 @@ def test_show_embeds_the_figure_under_a_headless_backend(tmp_path, monkeypatch):
     assert (tmp_path / "headless.png").exists()
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SEQUENCE, ids=lambda p: p.stem)
 def test_opens_with_the_passage_of_the_paper_it_implements(path):
     first = _source(_cells(path)[0])
     assert "**From the paper**" in first and "§" in first, (
@@ -91,7 +93,7 @@ def test_opens_with_the_passage_of_the_paper_it_implements(path):
     )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SEQUENCE, ids=lambda p: p.stem)
 def test_has_a_predict_then_run_prompt_before_a_code_cell(path):
     cells = _cells(path)
     prompts = [
@@ -106,7 +108,7 @@ def test_has_a_predict_then_run_prompt_before_a_code_cell(path):
         )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SEQUENCE, ids=lambda p: p.stem)
 def test_exercises_are_graded_and_each_has_a_collapsed_solution(path):
     exercises = _exercises(path)
     assert len(exercises) >= 3, f"{path.name}: at least three numbered exercises"
