@@ -3,7 +3,7 @@
 Taught in ``notebooks/05_train_pkm_lm.ipynb``.
 
 * Optimisation: the value tables get their own optimizer (``pkm_ref.SplitOptimizer``: Adam, or
-  SparseAdam for sparse tables, at a constant learning rate, as in the paper) and their own
+  SparseAdam for sparse tables, at a constant learning rate, as in the authors' code) and their own
   gradient clipping; every other parameter uses AdamW with a linear warm-up and a cosine decay.
 * Evaluation: loss, perplexity and bits per byte on the validation and test splits, and how evenly
   each memory's slots are read over the validation split (``pkm_ref.UsageAccumulator``).
@@ -70,7 +70,7 @@ class TrainConfig:
     warmup_steps: int = 100
     lr: float = 1e-3  # dense parameters: warm-up to lr, cosine decay to min_lr
     min_lr: float = 1e-4
-    value_lr: float = 1e-3  # memory values: constant (paper §4.3: Adam, 1e-3)
+    value_lr: float = 1e-3  # memory values, constant: Adam 1e-3 (paper §4.3; constant in XLM)
     weight_decay: float = 0.0  # runs stay under one epoch: nothing to regularise
     grad_clip: float = 1.0
     value_grad_clip: float = 1.0
