@@ -6,7 +6,8 @@ Each step updates only the few value rows that were read, so the values see far 
 the rest of the network. The paper (§4.3) trains them with a higher Adam rate than the rest,
 1e-3 against 2.5e-4; the authors' code (XLM) gives them an Adam of their own at a constant 1e-3,
 while the dense parameters use their own rate and schedule. With ``sparse=True`` value tables
-produce sparse gradients, which only ``SparseAdam`` accepts; dense value tables use ``Adam``. A value table never appears in the dense group.
+produce sparse gradients, which only ``SparseAdam`` accepts; dense value tables use ``Adam``. A
+value table never appears in the dense group.
 
 **bfloat16 value tables** (``value_dtype=torch.bfloat16``) are trained through a float32 master
 copy: the value optimizer (Adam or SparseAdam, with float32 states) updates the master, and after
