@@ -117,7 +117,8 @@ class ModelConfig:
 
 
 def middle_layer(n_layer: int) -> int:
-    """The block the paper found best for a single memory: the middle one, ``n_layer // 2``."""
+    """The block of a single memory: the middle one, ``n_layer // 2`` (the paper's ablation, §4.5,
+    finds an intermediate layer best and the first one worst)."""
     return _checks.positive_int("n_layer", n_layer) // 2
 
 

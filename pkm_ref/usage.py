@@ -119,7 +119,8 @@ class UsageAccumulator:
 def memory_usage(
     indices: torch.Tensor, n_slots: int, weights: torch.Tensor | None = None
 ) -> UsageStats:
-    """Usage statistics of one batch of reads, as the paper reports them.
+    """Usage statistics of one batch of reads: usage and KL as the paper defines them (§4.2), Gini
+    and top mass as XLM's evaluator adds them.
 
     Args:
         indices: int tensor of slot indices, any shape, e.g. (N, H, knn).
