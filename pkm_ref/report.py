@@ -175,8 +175,8 @@ FIGURES: dict[str, Figure] = {
         "keys against product keys (torch, and on a GPU the fused Triton search and read), and "
         "the value read alone, as the memory grows; the analytic O(N) and O(sqrt(N) + k^2) "
         "curves are scaled to the measurements. Bars: min-max of the bench's rounds.",
-        "The paper's claim (flat-key speed falls sharply as the memory grows, product keys barely "
-        "change)",
+        "The paper's claim (its complexity analysis, section 3.2: flat-key search slows in "
+        "proportion to the memory, product keys barely change)",
         _retrieval_verdict,
     ),
     "bench_layer": Figure(
@@ -203,7 +203,8 @@ FIGURES: dict[str, Figure] = {
         "Speed and complexity",
         "pkm-ref bench model",
         "Inference tokens/s of the language model as the memory grows, with flat and with product "
-        "keys (the paper's speed figure), and dense L / dense 2L / L + memory at equal settings. "
+        "keys (what the paper's complexity analysis predicts), and dense L / dense 2L / L + memory "
+        "at equal settings. "
         "Bars: min-max of the bench's rounds.",
     ),
     "00_memory_layer_diagram": Figure(
