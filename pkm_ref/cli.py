@@ -26,6 +26,7 @@ COMMANDS = {
     "sample": ("pkm_ref.sample", "generate text from a trained checkpoint"),
     "compare": ("pkm_ref.experiment", "shallow + memory vs deep: train, measure, plot"),
     "bench": ("pkm_ref.bench", "speed: flat vs product keys, layer vs FFN, model tokens/s"),
+    "capacity": ("pkm_ref.capacity", "bits of facts stored: dense vs product-key memory"),
     "reproduce": ("pkm_ref.reproduce", "rebuild every figure and table of the study"),
 }
 
