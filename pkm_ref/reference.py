@@ -38,6 +38,10 @@ NUMBERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "memory_kl",
         ),
     ),
+    "capacity": (
+        ("model", "individuals"),
+        ("bits", "recall", "bits_per_param", "step_ms", "memory_usage"),
+    ),
     "bench_retrieval": (("case", "slots"), ("median_ms", "GBps")),
     "bench_layer": (("case", "slots"), ("median_ms",)),
     "bench_model": (("case", "slots"), ("median_ms", "tokens_per_s")),

@@ -145,8 +145,39 @@ def _paper_verdict(folder: Path) -> Verdict | None:
     )
 
 
+def _capacity_results(folder: Path) -> tuple[list[dict], dict] | None:
+    path = folder / "capacity.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data["rows"], data["meta"]
+
+
+def _capacity_verdict(folder: Path) -> Verdict | None:
+    from pkm_ref.capacity import headline_claim
+
+    results = _capacity_results(folder)
+    if results is None:
+        return None
+    status, text = headline_claim(results[0])
+    return Verdict(status, f"{text} {FIGURES['capacity_bits'].claim}: **{status}** at this scale.")
+
+
+def _published_capacity_verdict(folder: Path) -> Verdict | None:
+    from pkm_ref.capacity import published_claim
+
+    results = _capacity_results(folder)
+    if results is None:
+        return None
+    rows, meta = results
+    status, text = published_claim(rows, meta["exposures"])
+    if status is None:
+        return Verdict(None, text)
+    return Verdict(status, f"{text} {FIGURES['capacity_growth'].claim}: **{status}**.")
+
+
 # name (file stem) -> Figure. Sections appear in RESULTS.md in this order.
-SECTIONS = ("Language model", "Speed and complexity", "Notebooks")
+SECTIONS = ("Language model", "Knowledge capacity", "Speed and complexity", "Notebooks")
 FIGURES: dict[str, Figure] = {
     "lm_learning_curves": Figure(
         "Language model",
@@ -167,6 +198,35 @@ FIGURES: dict[str, Figure] = {
         "size.",
         "The paper's claim (quality improves with memory size)",
         _sweep_verdict,
+    ),
+    "capacity_bits": Figure(
+        "Knowledge capacity",
+        "pkm-ref capacity",
+        "Bits of knowledge stored (from the loss on the values of a synthetic knowledge base, "
+        "Allen-Zhu & Li 2024) against total and against active parameters: a model with a "
+        "product-key memory, a dense model of equal active and one of equal total parameters, "
+        "each on bases of growing size, with the 1 and 2 bits-per-parameter lines; bars from the "
+        "lowest to the highest seed.",
+        "The capacity hypothesis (a product-key memory stores at least 5x the bits of a dense "
+        "model of equal active parameters)",
+        _capacity_verdict,
+    ),
+    "capacity_growth": Figure(
+        "Knowledge capacity",
+        "pkm-ref capacity",
+        "Bits stored against the number of individuals in the base, per model (mean and min-max "
+        "band over the seeds), under the base's information content: a model that stores all it "
+        "sees follows the dashed line, a full one levels off.",
+        "The published capacity of dense models (Allen-Zhu & Li 2024: about 1 bit per parameter "
+        "at 100 exposures per fact, 2 at 1,000)",
+        _published_capacity_verdict,
+    ),
+    "capacity_usage": Figure(
+        "Knowledge capacity",
+        "pkm-ref capacity",
+        "Where the memory model files its facts (largest base, seed 0): reads per slot over every "
+        "question on the grid of sub-key pairs, and the slots read by the questions about four "
+        "individuals.",
     ),
     "bench_retrieval": Figure(
         "Speed and complexity",
@@ -333,6 +393,7 @@ FIGURES: dict[str, Figure] = {
 # Result tables (``<name>.md`` written by pkm_ref.figures.save_results) shown in RESULTS.md.
 TABLES = {
     "lm_comparison": "Language model",
+    "capacity": "Knowledge capacity",
     "bench_retrieval": "Speed and complexity",
     "bench_layer": "Speed and complexity",
     "bench_model": "Speed and complexity",
@@ -358,6 +419,8 @@ NOTEBOOK_SUMMARIES = {
     "keys, layer vs FFN, model tokens/s.",
     "07_gpu_kernels": "The Triton kernels beside their torch references: packed top-k keys, the "
     "staircase in registers, the bag read, a deterministic backward; measured GPU numbers.",
+    "08_what_memory_remembers": "Bits of facts a model stores, from its loss; a memory against "
+    "dense models of equal active and total parameters; where it files each person.",
 }
 
 
@@ -439,6 +502,7 @@ def refresh_readme(folder: Path) -> None:
         "speed-figure": _speed_block(folder),
         "speed-goals": _goals_block(folder),
         "headline": _headline_block(folder),
+        "capacity": _capacity_block(folder),
         "profile-costs": _costs_block(folder),
         "notebook-table": _notebook_table(folder),
     }
@@ -503,6 +567,29 @@ def _headline_block(folder: Path) -> str:
             f"{meta['date']}; source: [{source}]({source})):\n\n"
             + "\n".join(table)
             + f"\n\n{verdict.text}\n"
+        )
+    return "\n".join(blocks)
+
+
+def _capacity_block(folder: Path) -> str:
+    """The knowledge-capacity figure of the cpu results and, when present, of the gpu results
+    beside them (``folder/gpu``), each with its device, date, source and both verdicts."""
+    blocks = []
+    for results in (folder, folder / "gpu"):
+        found = _capacity_results(results)
+        if found is None or not (results / "capacity_bits.png").exists():
+            continue
+        meta = found[1]
+        figure, source = (os.path.relpath(results / name, ROOT)
+                          for name in ("capacity_bits.png", "capacity.md"))  # fmt: skip
+        verdicts = [v for v in (_capacity_verdict(results), _published_capacity_verdict(results))
+                    if v is not None]  # fmt: skip
+        blocks.append(
+            f"![Bits stored against parameters, dense vs product-key memory]({figure})\n\n"
+            f"**Knowledge capacity** ({meta['profile']} profile, {meta['device']}, {meta['date']};"
+            f" {meta['exposures']} exposures per fact; source: [{source}]({source})): "
+            + " ".join(v.text for v in verdicts)
+            + "\n"
         )
     return "\n".join(blocks)
 

@@ -2,7 +2,8 @@
 your numbers beside the committed reference.
 
 For one runtime profile it runs, in order: the language-model comparison (``pkm-ref compare``),
-the benchmarks (``pkm-ref bench retrieval|layer|model``), every notebook (executed top to bottom
+the benchmarks (``pkm-ref bench retrieval|layer|model``), the knowledge-capacity study
+(``pkm-ref capacity``), every notebook (executed top to bottom
 in a fresh kernel); then it writes ``RESULTS.md`` (``pkm_ref.report``) and ``vs_reference.md``,
 your numbers and verdicts beside the committed reference's (``pkm_ref.reference``), and prints a
 summary of the latter.
@@ -212,6 +213,8 @@ def _steps(
         bench = ("bench", kind, *common)
         seconds = by_profile(20, seconds, 2 * seconds, profile)
         steps.append(command(f"bench-{kind}", bench, seconds, f"bench_{kind}.json"))
+    capacity = ("capacity", *common, "--runs", str(runs_dir.parent))
+    steps.append(command("capacity", capacity, by_profile(40, 480, 1200, profile), "capacity.json"))
     from pkm_ref.report import FIGURES
 
     for notebook in sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):

@@ -29,9 +29,15 @@ def test_lists_every_step_in_order(capsys):
     assert main(["reproduce", "--profile", "smoke", "--list"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names[0] == "lm-comparison"
-    assert names[1:5] == ["bench-retrieval", "bench-layer", "bench-model", "bench-paper"]
+    assert names[1:6] == [
+        "bench-retrieval",
+        "bench-layer",
+        "bench-model",
+        "bench-paper",
+        "capacity",
+    ]
     notebooks = sorted(p.stem for p in reproduce.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
-    assert names[5:] == [f"notebook-{n}" for n in notebooks]
+    assert names[6:] == [f"notebook-{n}" for n in notebooks]
     # The paper-width comparison is a GPU measurement: the cpu study leaves it out.
     assert main(["reproduce", "--profile", "cpu", "--list"]) == 0
     assert "bench-paper" not in capsys.readouterr().out
