@@ -345,17 +345,17 @@ class Knowledge:
         return self.bits / self.information_bits
 
 
-Model = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+_Model = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @torch.no_grad()
-def value_losses(model: Model, base: KnowledgeBase, batch_size: int = 4096) -> torch.Tensor:
+def value_losses(model: _Model, base: KnowledgeBase, batch_size: int = 4096) -> torch.Tensor:
     """The model's cross-entropy, in bits, on every true value: (N, K), from its logits
     ``model(questions)[0][:, -1]`` over the whole vocabulary (see ``measure``)."""
     return _answers(model, base, batch_size)[0]
 
 
-def measure(model: Model, base: KnowledgeBase, batch_size: int = 4096) -> Knowledge:
+def measure(model: _Model, base: KnowledgeBase, batch_size: int = 4096) -> Knowledge:
     """Ask ``model`` every question of ``base`` and count what it knows.
 
     ``model`` maps tokens (B, T) to ``(logits (B, T, vocab_size), ...)``, as
@@ -374,7 +374,7 @@ def measure(model: Model, base: KnowledgeBase, batch_size: int = 4096) -> Knowle
 
 @torch.no_grad()
 def _answers(
-    model: Model, base: KnowledgeBase, batch_size: int
+    model: _Model, base: KnowledgeBase, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(losses in bits (N, K) float64, correct (N, K) bool) of every question."""
     batch_size = _checks.positive_int("batch_size", batch_size)
@@ -399,7 +399,7 @@ def _answers(
     return losses, correct
 
 
-def _device_of(model: Model) -> torch.device:
+def _device_of(model: _Model) -> torch.device:
     parameters = getattr(model, "parameters", None)
     first = next(iter(parameters()), None) if parameters is not None else None
     return first.device if first is not None else torch.device("cpu")

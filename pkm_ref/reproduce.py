@@ -3,8 +3,7 @@ your numbers beside the committed reference.
 
 For one runtime profile it runs, in order: the language-model comparison (``pkm-ref compare``),
 the benchmarks (``pkm-ref bench retrieval|layer|model``), the knowledge-capacity study
-(``pkm-ref capacity``), every notebook (executed top to bottom
-in a fresh kernel); then it writes ``RESULTS.md`` (``pkm_ref.report``) and ``vs_reference.md``,
+(``pkm-ref capacity``), every notebook (executed top to bottom in a fresh kernel); then it writes ``RESULTS.md`` (``pkm_ref.report``) and ``vs_reference.md``,
 your numbers and verdicts beside the committed reference's (``pkm_ref.reference``), and prints a
 summary of the latter.
 
