@@ -3,9 +3,9 @@ your numbers beside the committed reference.
 
 For one runtime profile it runs, in order: the language-model comparison (``pkm-ref compare``),
 the benchmarks (``pkm-ref bench retrieval|layer|model``), the knowledge-capacity study
-(``pkm-ref capacity``), every notebook (executed top to bottom in a fresh kernel); then it writes ``RESULTS.md`` (``pkm_ref.report``) and ``vs_reference.md``,
-your numbers and verdicts beside the committed reference's (``pkm_ref.reference``), and prints a
-summary of the latter.
+(``pkm-ref capacity``), every notebook (executed top to bottom in a fresh kernel); then it writes
+``RESULTS.md`` (``pkm_ref.report``) and ``vs_reference.md``, your numbers and verdicts beside
+the committed reference's (``pkm_ref.reference``), and prints a summary of the latter.
 
 * **Where.** Into ``results/<profile>/`` under the current folder (``--out`` picks another; git
   ignores ``results/``): result tables, figures, RESULTS.md, the comparison and the executed
@@ -213,7 +213,10 @@ def _steps(
         seconds = by_profile(20, seconds, 2 * seconds, profile)
         steps.append(command(f"bench-{kind}", bench, seconds, f"bench_{kind}.json"))
     capacity = ("capacity", *common, "--runs", str(runs_dir.parent))
-    steps.append(command("capacity", capacity, by_profile(40, 480, 1200, profile), "capacity.json"))
+    # cpu: about 10 minutes from its step counts (capacity.study_sizes), 12 with a margin, within
+    # the 15; smoke: about 45 s on a loaded 2-core machine.
+    seconds = by_profile(45, 720, 1200, profile)
+    steps.append(command("capacity", capacity, seconds, "capacity.json"))
     from pkm_ref.report import FIGURES
 
     for notebook in sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
