@@ -160,6 +160,8 @@ def _capacity_verdict(folder: Path) -> Verdict | None:
     if results is None:
         return None
     status, text = headline_claim(results[0])
+    if status is None:
+        return Verdict(None, text)
     return Verdict(status, f"{text} {FIGURES['capacity_bits'].claim}: **{status}** at this scale.")
 
 

@@ -167,8 +167,9 @@ def bytes_per_token(tokenizer: Tokenizer, tokens: torch.Tensor) -> float:
 
 
 @contextmanager
-def _recording_usage(model: LanguageModel) -> Iterator[list[UsageAccumulator]]:
-    """Eval mode with every memory recording its reads; yields one accumulator per memory."""
+def recording_usage(model: LanguageModel) -> Iterator[list[UsageAccumulator]]:
+    """Eval mode with every memory recording its reads (``last_indices``, ``last_weights``);
+    yields one accumulator per memory. Also used by ``pkm_ref.capacity`` (notebook 08)."""
     was_training = model.training
     memories = model.memory_layers()
     model.eval()
@@ -214,7 +215,7 @@ def evaluate(
     world = World() if world is None else world
     total_loss, scored = 0.0, 0
     batches = iter_eval_batches(tokens, batch_size, block, max_windows)
-    with _recording_usage(model) as accumulators:
+    with recording_usage(model) as accumulators:
         for x, y in itertools.islice(batches, world.rank, None, world.size):  # this rank's
             x, y = x.to(device), y.to(device)  # (b, T) each
             with autocast(device, precision):

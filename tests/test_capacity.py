@@ -111,6 +111,15 @@ def test_the_headline_compares_the_memory_with_five_times_the_dense_model(
     assert "extra bits per value-table parameter" in text and "A training step takes" in text
 
 
+def test_the_headline_is_not_judged_on_a_base_too_small_to_show_five_times():
+    """171.7 bits in the base, 100 in the dense model: even a memory that stores the whole base
+    is 1.7x ahead, so "does not agree" would measure the base, not the memory."""
+    claim, text = capacity.headline_claim(_rows((170, 171, 169), (100, 101, 99), n=10))
+    assert claim is None and "only 1.7x the bits" in text and "too few to show 5x" in text
+    claim, _ = capacity.headline_claim(_rows((1, 1, 1), (0, 0, 0), n=10))  # nothing stored
+    assert claim == "agrees"  # the memory's interval is above 5 x 0
+
+
 def test_the_published_capacity_is_judged_only_where_a_base_can_show_it():
     rows = _rows((1, 1, 1), (20, 21, 19), (20, 21, 19), n=10, params=100)  # 171.7 bits > 100
     status, text = capacity.published_claim(rows, exposures=100)
@@ -157,13 +166,18 @@ def test_the_report_judges_both_claims_and_the_readme_shows_the_figure(tmp_path,
     monkeypatch.setattr(report, "ROOT", tmp_path)
     folder = tmp_path / "figures"
     folder.mkdir()
-    rows = _rows((600, 610, 590), (100, 101, 99), (20, 21, 19), n=10, params=100)
+    rows = _rows((600, 610, 590), (100, 101, 99), (20, 21, 19), n=100, params=100)
     meta = {"profile": "cpu", "device": "a CPU", "date": "today", "exposures": 100}
     (folder / "capacity.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     (folder / "capacity_bits.png").write_bytes(b"png")
     judged = report.verdicts(folder)
     assert judged[report.FIGURES["capacity_bits"].claim] == "agrees"
     assert judged[report.FIGURES["capacity_growth"].claim] == "does not agree"  # 0.2 bits/param
+    rows[1]["bits"] = stats.Estimate.of([1000, 1001, 999]).to_json()  # 1,717 bits: under 5x this
+    (folder / "capacity.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    assert report.verdicts(folder)[report.FIGURES["capacity_bits"].claim] is None
+    rows[1]["bits"] = stats.Estimate.of([100, 101, 99]).to_json()
+    (folder / "capacity.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     text = report.write_results("cpu", folder).read_text()
     assert "### capacity_bits" in text and "**agrees** at this scale" in text
     block = report._capacity_block(folder)

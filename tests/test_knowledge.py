@@ -120,6 +120,14 @@ def test_knowing_one_attribute_stores_exactly_its_bits(base):
     assert knowledge.attribute_recall[1] == 1.0
 
 
+def test_a_known_attribute_keeps_its_bits_beside_attributes_worse_than_uniform(base):
+    """Floored once over all attributes, the three attributes guessed over the whole vocabulary
+    (worse than uniform over their values) would cancel the 250 bits of the known one."""
+    knowledge = measure(Oracle(base, known={1}, guess="vocabulary"), base)
+    assert knowledge.attribute_bits == pytest.approx((0, 50 * 5.0, 0, 0), abs=1e-9)
+    assert knowledge.bits == pytest.approx(50 * math.log2(32), rel=1e-12)
+
+
 def test_bits_are_floored_per_attribute_not_per_individual():
     """Half the individuals answered with certainty, half with twice the uniform loss: no net
     knowledge of the attribute (0 bits), though each lucky answer alone looks like 2 bits."""
