@@ -269,9 +269,9 @@ def question_reads(
         for attribute in range(base.n_attributes):
             questions, _ = base.questions(attribute, individuals)  # (B, 4)
             model(questions.to(device))
-            reads = memory.last_indices.view(*questions.shape, memory.heads, memory.knn)
-            indices.append(reads[:, -1].cpu())  # (B, H, knn)
-            weights.append(memory.last_weights.view(reads.shape)[:, -1].float().cpu())
+            shape = (*questions.shape, memory.heads, memory.knn)  # (B, 4, H, knn)
+            indices.append(memory.last_indices.view(shape)[:, -1].cpu())  # (B, H, knn)
+            weights.append(memory.last_weights.view(shape)[:, -1].float().cpu())  # (B, H, knn)
     return torch.stack(indices, dim=1), torch.stack(weights, dim=1)  # (B, K, H, knn) each
 
 
@@ -607,7 +607,8 @@ def plot_usage(memory: dict, n_keys: int, name: str, base: KnowledgeBase):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.4))
-    reads = torch.tensor(memory["reads"], dtype=torch.float64).view(n_keys, n_keys)
+    reads = torch.tensor(memory["reads"], dtype=torch.float64)  # (n_keys²,)
+    reads = reads.view(n_keys, n_keys)  # (first-half sub-key, second-half sub-key)
     image = left.imshow((reads + 1).log10().numpy(), cmap="viridis")
     fig.colorbar(image, ax=left, label="log10(1 + reads)")
     left.set(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pkm_ref import stats
-from pkm_ref.figures import run_metadata
+from pkm_ref.figures import load_results, run_metadata
 from pkm_ref.notebook import REPOSITORY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,11 +146,9 @@ def _paper_verdict(folder: Path) -> Verdict | None:
 
 
 def _capacity_results(folder: Path) -> tuple[list[dict], dict] | None:
-    path = folder / "capacity.json"
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    return data["rows"], data["meta"]
+    """The rows and meta of ``folder/capacity.json`` (``pkm-ref capacity``), or None."""
+    data = load_results("capacity", folder)
+    return None if data is None else (data["rows"], data["meta"])
 
 
 def _capacity_verdict(folder: Path) -> Verdict | None:
