@@ -10,8 +10,11 @@ from pkm_ref.notebook import SOLUTION_TAG
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-# The teaching sequence, 00-06, in which every notebook is written to the same plan (issue 18).
-SEQUENCE = [path for path in NOTEBOOKS if int(path.name[:2]) <= 6]
+# The teaching sequence, 00-06, in which every notebook is written to the same plan (issue 18),
+# and notebook 08 (issue 15), written to it too; the GPU add-ons 04 and 07 are not.
+SEQUENCE = [
+    path for path in NOTEBOOKS if int(path.name[:2]) <= 6 or path.stem == "08_what_memory_remembers"
+]
 # The three steps of the exercises, in this order (an exercise may repeat its step's label).
 STEPS = ("*Check your understanding.*", "*Apply.*", "*Open question.*")
 
