@@ -68,6 +68,7 @@ HYPOTHESIS = 5.0  # the memory model stores at least this many times the bits (i
 # Bits per parameter that Allen-Zhu & Li (2024) report for GPT-2-style models, by exposures.
 PUBLISHED_BITS_PER_PARAMETER = {100: 1.0, 1000: 2.0}
 SAMPLE_INDIVIDUALS = 4  # individuals whose slots the usage figure shows
+SYMLOG_BITS = 10  # bits axes: linear up to this, logarithmic above (a log axis would drop 0)
 
 
 @dataclass(frozen=True)
@@ -557,7 +558,8 @@ def plot_bits(rows: list[dict], exposures: int, profile: str):
             bits = next(r["information_bits"] for r in rows if r["individuals"] == n)
             ax.axhline(bits, color="black", linestyle=":", linewidth=0.8)
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=SYMLOG_BITS)  # 0 bits stays visible
+        ax.set_ylim(bottom=0)
         ax.set(xlabel=f"{label} parameters", title=f"Bits stored against {label} parameters")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("bits of knowledge stored")
@@ -592,7 +594,8 @@ def plot_growth(rows: list[dict], exposures: int, profile: str):
         ax.fill_between([r["individuals"] for r in mine], low, high, color=line.get_color(),
                         alpha=0.2, linewidth=0)  # fmt: skip
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set_yscale("symlog", linthresh=SYMLOG_BITS)  # 0 bits stays visible
+    ax.set_ylim(bottom=0)
     ax.set(xlabel="individuals in the knowledge base (N)", ylabel="bits of knowledge stored",
            title=f"Bits stored as the base grows ({profile}; {exposures} exposures)")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
