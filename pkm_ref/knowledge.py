@@ -136,7 +136,7 @@ ATTRIBUTES = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: compare bases by their seed and sizes
 class KnowledgeBase:
     """N individuals, each with a distinct name and one value per attribute.
 

@@ -224,9 +224,9 @@ FIGURES: dict[str, Figure] = {
     "capacity_usage": Figure(
         "Knowledge capacity",
         "pkm-ref capacity",
-        "Where the memory model files its facts (largest base, seed 0): reads per slot over every "
-        "question on the grid of sub-key pairs, and the slots read by the questions about four "
-        "individuals.",
+        "Where the memory model files its facts (largest base, first seed): reads per slot over "
+        "every question on the grid of sub-key pairs, and the slots read by the questions about "
+        "four individuals.",
     ),
     "bench_retrieval": Figure(
         "Speed and complexity",
@@ -388,6 +388,20 @@ FIGURES: dict[str, Figure] = {
         "The committed GPU benchmark results (figures/gpu/) replotted: search + read time, the "
         "read's bandwidth against the measured one and the 70 % goal, the layer's forward "
         "against its lower bound; the Triton kernels' rows beside the torch ones once measured.",
+    ),
+    "08_bits_while_learning": Figure(
+        "Notebooks",
+        "notebooks/08_what_memory_remembers.ipynb",
+        "Bits of knowledge stored against exposures per fact, for the memory model and the dense "
+        "models of equal active and equal total parameters trained on the same base, with the "
+        "base's information content as the ceiling.",
+    ),
+    "08_slots_of_people": Figure(
+        "Notebooks",
+        "notebooks/08_what_memory_remembers.ipynb",
+        "The memory slots that the questions about a few people read, on the grid of sub-key "
+        "pairs (marker: the attribute asked, size: the read's weight): whether one person's "
+        "facts share slots.",
     ),
 }
 # Result tables (``<name>.md`` written by pkm_ref.figures.save_results) shown in RESULTS.md.
