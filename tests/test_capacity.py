@@ -37,8 +37,16 @@ def test_dense_models_are_matched_to_the_memory_models_active_and_total_counts(b
     assert capacity.value_parameters(memory.config) == SMOKE.memory.n_slots * SMOKE.d_model
 
 
-def test_training_on_facts_sees_each_fact_exposures_times_and_learns_them():
+def test_training_on_facts_sees_each_fact_exposures_times_and_learns_them(monkeypatch):
     small = KnowledgeBase.generate(12, seed=1)
+    seen = torch.zeros(small.n_individuals, dtype=torch.long)  # batches that stated each person
+    stating = KnowledgeBase.training_batch
+
+    def counting(self, individuals, generator=None):
+        seen.index_add_(0, individuals, torch.ones_like(individuals))
+        return stating(self, individuals, generator)
+
+    monkeypatch.setattr(KnowledgeBase, "training_batch", counting)
     sizes = dataclasses.replace(SMOKE, exposures=150, batch_size=5)
     config = capacity.schedule(sizes, small.n_individuals, seed=0, device="cpu")
     assert config.max_steps == 150 * 3  # ceil(12 / 5) steps per epoch
@@ -50,6 +58,7 @@ def test_training_on_facts_sees_each_fact_exposures_times_and_learns_them():
     capacity.train_on_facts(model, small, config, every=50, callback=lambda e, m: epochs.append(e))
     after = measure(model, small)
     assert epochs == [50, 100, 150] and model.training
+    assert seen.tolist() == [150] * small.n_individuals  # every person once an epoch, no more
     assert before.recall < 0.2 and before.bits < 0.1 * small.information_bits()
     assert after.recall > 0.9 and after.bits > 0.5 * small.information_bits()
 
