@@ -401,13 +401,20 @@ def execute_notebook(path: Path, profile: str, target: Path) -> int:
         _environment(**{ENV_VAR: profile, "MPLBACKEND": _INLINE_BACKEND}),
         _kernel_config() as config,
     ):
-        NotebookClient(
+        client = NotebookClient(
             notebook,
             timeout=by_profile(300, 1800, 1800, profile),
             kernel_name="python3",
             resources={"metadata": {"path": str(path.parent)}},
             config=config,
-        ).execute()
+        )
+        # nbclient plays a frontend for ipywidgets' Output widget: while a cell runs it sends the
+        # widget's outputs back to the kernel on the shell channel, which ipykernel 7 handles
+        # beside the cell, and now and then the cell's reply never came: the run hung in a widget
+        # cell until the cell's time limit (jupyter/nbclient#312; notebook 06, three times in a
+        # few runs). Without a frontend nothing moves the widgets: their outputs land in the cell.
+        client.comm_open_handlers = {"jupyter.widget": lambda msg: None}
+        client.execute()
     notebook.cells.pop()  # the probe is not part of the notebook
     printed = "".join(output.get("text", "") for output in probe.outputs).strip()
     _clear_solutions(notebook)

@@ -375,3 +375,20 @@ def test_a_users_reproduce_leaves_tracked_files_alone_and_compares_with_the_refe
     status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True,
                             text=True, check=True).stdout  # fmt: skip
     assert status == "", status
+
+
+def test_a_notebook_runs_headless_without_playing_the_widgets_frontend(tmp_path):
+    """nbclient would answer an Output widget over the kernel's shell channel while the cell runs
+    (the cause of runs that hung in a widget cell, jupyter/nbclient#312); the executor leaves the
+    widgets alone, so what a widget shows lands in the cell itself."""
+    import nbformat
+
+    code = (
+        "import ipywidgets\nfrom IPython.display import display\nout = ipywidgets.Output()\n"
+        "display(out)\nwith out:\n    print('inside the widget')"
+    )
+    path = tmp_path / "widget.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)]), path)
+    reproduce.execute_notebook(path, "smoke", tmp_path / "executed.ipynb")
+    outputs = nbformat.read(tmp_path / "executed.ipynb", as_version=4).cells[0].outputs
+    assert any("inside the widget" in output.get("text", "") for output in outputs)
