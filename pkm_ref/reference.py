@@ -23,29 +23,33 @@ from pkm_ref.report import verdicts
 
 REPORT = "vs_reference.md"
 
-# result table -> (columns that name a row, columns compared)
-NUMBERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+# result table -> its groups of (columns that name a row, columns compared). A number measured
+# once per model and copied into each of its rows (capacity's step time, measured on the largest
+# base) is compared once, under the model's name alone.
+NUMBERS: dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = {
     "lm_comparison": (
-        ("model",),
         (
-            "test_bpb",
-            "val_bpb",
-            "test_ppl",
-            "val_ppl",
-            "train_tok_s",
-            "infer_tok_s",
-            "memory_usage",
-            "memory_kl",
+            ("model",),
+            (
+                "test_bpb",
+                "val_bpb",
+                "test_ppl",
+                "val_ppl",
+                "train_tok_s",
+                "infer_tok_s",
+                "memory_usage",
+                "memory_kl",
+            ),
         ),
     ),
     "capacity": (
-        ("model", "individuals"),
-        ("bits", "recall", "bits_per_param", "step_ms", "memory_usage"),
+        (("model", "individuals"), ("bits", "recall", "bits_per_param", "memory_usage")),
+        (("model",), ("step_ms",)),
     ),
-    "bench_retrieval": (("case", "slots"), ("median_ms", "GBps")),
-    "bench_layer": (("case", "slots"), ("median_ms",)),
-    "bench_model": (("case", "slots"), ("median_ms", "tokens_per_s")),
-    "reproduce_steps": (("step",), ("seconds", "peak_ram_gib", "peak_gpu_gib")),
+    "bench_retrieval": ((("case", "slots"), ("median_ms", "GBps")),),
+    "bench_layer": ((("case", "slots"), ("median_ms",)),),
+    "bench_model": ((("case", "slots"), ("median_ms", "tokens_per_s")),),
+    "reproduce_steps": ((("step",), ("seconds", "peak_ram_gib", "peak_gpu_gib")),),
 }
 
 
@@ -83,19 +87,21 @@ class Difference:
 def differences(results: Path, reference: Path) -> list[Difference]:
     """Every number that both folders hold, paired by table, row and column."""
     found = []
-    for table, (keys, columns) in NUMBERS.items():
+    for table, groups in NUMBERS.items():
         yours, theirs = _load(results / f"{table}.json"), _load(reference / f"{table}.json")
         if yours is None or theirs is None:
             continue
-        reference_rows = {tuple(row.get(k) for k in keys): row for row in theirs["rows"]}
-        for row in yours["rows"]:
-            other = reference_rows.get(tuple(row.get(k) for k in keys))
-            if other is None:
-                continue
-            for column in columns:
-                mine, base = stats.read(row.get(column)), stats.read(other.get(column))
-                if mine is not None and base is not None:
-                    found.append(Difference(table, _label(row, keys), column, mine, base))
+        for keys, columns in groups:
+            reference_rows = {tuple(row.get(k) for k in keys): row for row in theirs["rows"]}
+            mine_rows = {tuple(row.get(k) for k in keys): row for row in yours["rows"]}
+            for key, row in mine_rows.items():  # each row name once
+                other = reference_rows.get(key)
+                if other is None:
+                    continue
+                for column in columns:
+                    mine, base = stats.read(row.get(column)), stats.read(other.get(column))
+                    if mine is not None and base is not None:
+                        found.append(Difference(table, _label(row, keys), column, mine, base))
     return found
 
 

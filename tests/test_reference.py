@@ -40,6 +40,24 @@ def test_every_shared_number_is_set_beside_its_reference(tmp_path):
     assert memory.order == "lower" and found[("dense-2L", "test_bpb")].order == "within noise"
 
 
+def test_a_number_measured_once_per_model_is_compared_once(tmp_path):
+    """Capacity's step time is measured once per model and copied into the row of each base: one
+    difference per model, named by the model alone; bits are compared per model and base."""
+    yours, theirs = tmp_path / "yours", tmp_path / "theirs"
+    for folder, step_ms in ((yours, [10.0, 11.0, 12.0]), (theirs, [20.0, 21.0, 22.0])):
+        rows = [
+            {"model": model, "individuals": n, "bits": stats.Estimate.of([n, n + 1.0]).to_json(),
+             "step_ms": stats.Estimate.of(step_ms).to_json()}
+            for model in ("memory", "dense") for n in (160, 640, 2560)
+        ]  # fmt: skip
+        write(folder, "capacity", rows)
+    found = [(d.row, d.column) for d in reference.differences(yours, theirs)]
+    assert sorted(found) == sorted(
+        [(f"{m}, {n}", "bits") for m in ("memory", "dense") for n in (160, 640, 2560)]
+        + [("memory", "step_ms"), ("dense", "step_ms")]
+    )
+
+
 def test_a_reference_of_one_run_is_compared_as_an_exact_number():
     one, mine = stats.Estimate.of([232.0]), stats.Estimate.of([3000.0, 3600.0, 4200.0])
     assert reference.Difference("t", "r", "c", mine, one).order == "higher"
