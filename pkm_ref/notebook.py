@@ -72,13 +72,15 @@ def reference_file(name: str, gpu: bool = False) -> bytes | None:
     be downloaded (offline).
     """
     folder = "figures/gpu" if gpu else "figures"
-    if (figures.CHECKOUT / "pyproject.toml").exists():  # a clone: the files are here
-        path = figures.CHECKOUT / folder / name
+    committed = figures.reference_dir("gpu" if gpu else "cpu")
+    if committed is not None:  # a clone: the files are here
+        path = committed / name
         if path.exists():
             return path.read_bytes()
         print(f"{folder}/{name} is not committed yet: `pkm-ref reproduce` makes it")
         return None
-    from urllib.error import HTTPError, URLError
+    from http.client import HTTPException
+    from urllib.error import HTTPError
     from urllib.request import urlopen
 
     url = f"{RAW_FILES}/{folder}/{name}"
@@ -87,8 +89,8 @@ def reference_file(name: str, gpu: bool = False) -> bytes | None:
             return response.read()
     except HTTPError as error:
         print(f"{folder}/{name} could not be downloaded ({error.code} {error.reason}): {url}")
-    except (URLError, TimeoutError) as error:
-        reason = getattr(error, "reason", error)
+    except (OSError, HTTPException) as error:  # no network, a timeout, a connection cut mid-read
+        reason = getattr(error, "reason", None) or error
         print(
             f"{folder}/{name} could not be downloaded ({reason}): the committed results are read "
             f"from GitHub outside a clone of the repository; connect, or clone {REPOSITORY}"

@@ -1,5 +1,6 @@
 """pkm_ref.notebook.reference_file: the committed results, in a clone and outside one (Colab)."""
 
+import http.client
 import io
 import urllib.request
 from urllib.error import HTTPError, URLError
@@ -48,6 +49,13 @@ def test_offline_or_missing_downloads_end_in_one_line(tmp_path, monkeypatch, cap
     monkeypatch.setattr(urllib.request, "urlopen", not_found)
     assert notebook.reference_file("missing.json") is None
     assert "(404 Not Found)" in capsys.readouterr().out
+
+    def cut_mid_read(url, timeout):  # the connection ends mid-file: http.client, not urllib, raises
+        raise http.client.IncompleteRead(b"partial")
+
+    monkeypatch.setattr(urllib.request, "urlopen", cut_mid_read)
+    assert notebook.reference_file("lm_comparison.json") is None
+    assert "(IncompleteRead(7 bytes read))" in capsys.readouterr().out
 
 
 def _refuse(url, timeout):
