@@ -7,7 +7,7 @@ that names the parameter and the value, instead of an opaque shape error from de
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -114,3 +114,12 @@ def knn_within(knn: object, limit: int, what: str) -> int:
     if number > limit:
         raise ValueError(f"knn must be <= {what} ({limit}), got {number}")
     return number
+
+
+def distinct_seeds(seeds: Iterable[int]) -> tuple[int, ...]:
+    """``seeds`` as a tuple if it holds one seed at least and none twice (a seed repeated would
+    count one model twice in an interval), else raise naming them."""
+    seeds = tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    return seeds

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from pkm_ref import figures, stats
+from pkm_ref._checks import distinct_seeds, positive_int
 from pkm_ref._files import atomic_write, check_writable
 from pkm_ref.cli import Interrupted
 from pkm_ref.experiment import Variant, default_runs_dir, run_name
@@ -56,9 +57,11 @@ from pkm_ref.optim import SplitOptimizer
 from pkm_ref.profiles import (
     add_device_argument,
     add_profile_argument,
+    add_seed_arguments,
     by_profile,
     current_profile,
     profile_device,
+    seeds_from_args,
 )
 from pkm_ref.train import TrainConfig, learning_rate, recording_usage
 
@@ -87,6 +90,19 @@ class Sizes:
     seeds: int
     timing_rounds: int  # independent rounds of the step-time measurement
     timing_steps: int  # timed steps of each model per round (their median)
+
+    def __post_init__(self) -> None:
+        individuals = list(self.individuals)
+        if not individuals or min(individuals) < 2 or len(set(individuals)) != len(individuals):
+            raise ValueError(  # two people at least: the slot overlap compares two
+                f"individuals must be distinct and >= 2, got {individuals}"
+            )
+        object.__setattr__(self, "individuals", tuple(sorted(individuals)))
+        for name in ("exposures", "batch_size", "seeds", "timing_rounds", "timing_steps"):
+            positive_int(name, getattr(self, name))
+        for name in ("lr", "value_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def study_sizes(profile: str) -> Sizes:
@@ -396,10 +412,6 @@ def result_row(
     variant: Variant, base: KnowledgeBase, results: list[dict], step_seconds: stats.Estimate
 ) -> dict:
     """One line of the table: a model on one base, over its seeds (``stats.Estimate`` JSON)."""
-
-    def over_seeds(values) -> dict:
-        return stats.Estimate.of(values).to_json()
-
     first = results[0]
     row = {
         "model": variant.name,
@@ -407,10 +419,10 @@ def result_row(
         "individuals": base.n_individuals,
         "information_bits": base.information_bits(),
         "seeds": len(results),
-        "bits": over_seeds(r["bits"] for r in results),
-        "recall": over_seeds(r["recall"] for r in results),
-        "bits_per_param": over_seeds(r["bits"] / first["params_total"] for r in results),
-        "bits_per_active_param": over_seeds(r["bits"] / first["params_active"] for r in results),
+        "bits": stats.to_json(r["bits"] for r in results),
+        "recall": stats.to_json(r["recall"] for r in results),
+        "bits_per_param": stats.to_json(r["bits"] / first["params_total"] for r in results),
+        "bits_per_active_param": stats.to_json(r["bits"] / first["params_active"] for r in results),
         "params_total": first["params_total"],
         "params_active": first["params_active"],
         "value_params": first["value_params"],
@@ -421,9 +433,9 @@ def result_row(
     }
     memories = [r["memory"] for r in results if "memory" in r]
     if memories:
-        row["memory_usage"] = over_seeds(m["usage"] for m in memories)
-        row["same_individual_overlap"] = over_seeds(m["same_individual"] for m in memories)
-        row["other_individuals_overlap"] = over_seeds(m["other_individuals"] for m in memories)
+        row["memory_usage"] = stats.to_json(m["usage"] for m in memories)
+        row["same_individual_overlap"] = stats.to_json(m["same_individual"] for m in memories)
+        row["other_individuals_overlap"] = stats.to_json(m["other_individuals"] for m in memories)
     return row
 
 
@@ -637,14 +649,15 @@ def plot_usage(memory: dict, n_keys: int, name: str, base: KnowledgeBase):
     )
     indices = torch.tensor(memory["sample_indices"])  # (S, K, H, knn)
     weights = torch.tensor(memory["sample_weights"])  # (S, K, H, knn)
-    for person in range(indices.shape[0]):
+    people = indices.shape[0]
+    for person in range(people):
         slots, w = indices[person].flatten(), weights[person].flatten()  # (K·H·knn,) each
         right.scatter((slots % n_keys).numpy(), (slots // n_keys).numpy(),
                       s=(5 + 120 * w).numpy(), alpha=0.6, color=f"C{person}",
                       label=base.name(person))  # fmt: skip
     right.set(xlim=(-0.5, n_keys - 0.5), ylim=(n_keys - 0.5, -0.5), aspect="equal",
               xlabel="second-half sub-key", ylabel="first-half sub-key",
-              title="Slots read by the questions about four individuals")  # fmt: skip
+              title=f"Slots read by the questions about {people} individuals")  # fmt: skip
     right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"Where {name} files its facts")
     return fig
@@ -668,9 +681,7 @@ def study(
     from tqdm.auto import tqdm
 
     sizes = study_sizes(profile) if sizes is None else sizes
-    seeds = tuple(range(sizes.seeds)) if seeds is None else tuple(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    seeds = distinct_seeds(range(sizes.seeds) if seeds is None else seeds)
     hardware = profile_device(profile, device)
     runs_dir = (default_runs_dir() if runs_dir is None else Path(runs_dir)) / profile
     check_writable(runs_dir, "choose another --runs")
@@ -751,11 +762,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     add_device_argument(parser)
     parser.add_argument("--force", action="store_true", help="retrain runs that already exist")
-    parser.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
-    parser.add_argument(
-        "--seeds", type=int, default=None, metavar="N",
-        help="seeds per model and base (default: 2 for smoke, 3 for cpu and gpu)",
-    )  # fmt: skip
+    add_seed_arguments(parser, "2 for smoke, 3 for cpu and gpu; on every base")
     parser.add_argument(
         "--individuals", type=int, nargs="+", default=None, metavar="N",
         help="sizes of the knowledge bases (default: the profile's)",
@@ -770,22 +777,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     profile = args.profile or current_profile()
     sizes = study_sizes(profile)
-    if args.individuals is not None:
-        if min(args.individuals) < 2 or len(set(args.individuals)) != len(args.individuals):
-            raise ValueError(  # two people at least: the slot overlap compares two
-                f"--individuals must be distinct and >= 2, got {args.individuals}"
-            )
-        sizes = dataclasses.replace(sizes, individuals=tuple(sorted(args.individuals)))
+    if args.individuals is not None:  # Sizes checks them
+        sizes = dataclasses.replace(sizes, individuals=tuple(args.individuals))
     if args.exposures is not None:
-        if args.exposures < 1:
-            raise ValueError(f"--exposures must be >= 1, got {args.exposures}")
         sizes = dataclasses.replace(sizes, exposures=args.exposures)
-    count = sizes.seeds if args.seeds is None else args.seeds
-    if count < 1:
-        raise ValueError(f"--seeds must be >= 1, got {count}")
+    seeds = seeds_from_args(args, sizes.seeds)
     try:
-        study(profile, args.runs, args.force, range(args.seed, args.seed + count), args.device,
-              sizes, not args.quiet)  # fmt: skip
+        study(profile, args.runs, args.force, seeds, args.device, sizes, not args.quiet)
     except KeyboardInterrupt:
         raise Interrupted("run the same command to continue: finished runs are reused") from None
     return 0

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pkm_ref import figures, stats
+from pkm_ref._checks import distinct_seeds
 from pkm_ref._files import check_writable
 from pkm_ref.cli import Interrupted, add_kernels_argument
 from pkm_ref.data import available_corpora, load_corpus
@@ -40,9 +41,11 @@ from pkm_ref.model import ModelConfig, middle_layer
 from pkm_ref.profiles import (
     add_device_argument,
     add_profile_argument,
+    add_seed_arguments,
     by_profile,
     current_profile,
     profile_device,
+    seeds_from_args,
 )
 from pkm_ref.sample import load_model
 from pkm_ref.train import (
@@ -121,10 +124,6 @@ def result_row(variant: Variant, metrics: list[dict], inference_tokens_per_s: li
     """One line of the comparison table: a model's numbers over its seeds, each a
     ``stats.Estimate`` (mean, 95 % interval, the values) as JSON."""
     config = variant.config
-
-    def over_seeds(values) -> dict:
-        return stats.Estimate.of(values).to_json()
-
     memories = [m["memory"][0] for m in metrics if m["memory"]]
     return {
         "model": variant.name,
@@ -132,14 +131,14 @@ def result_row(variant: Variant, metrics: list[dict], inference_tokens_per_s: li
         "layers": config.n_layer,
         "memory_slots": config.memory.n_slots if config.memory_layers else 0,
         "seeds": len(metrics),
-        **{key: over_seeds(m[key] for m in metrics) for key in ("val_ppl", "val_bpb")},
-        **{key: over_seeds(m[key] for m in metrics) for key in ("test_ppl", "test_bpb")},
+        **{key: stats.to_json(m[key] for m in metrics) for key in ("val_ppl", "val_bpb")},
+        **{key: stats.to_json(m[key] for m in metrics) for key in ("test_ppl", "test_bpb")},
         "params_total": metrics[0]["params_total"],
         "params_active": metrics[0]["params_active"],
-        "train_tok_s": over_seeds(m["train_tokens_per_s"] for m in metrics),
-        "infer_tok_s": over_seeds(inference_tokens_per_s),
-        "memory_usage": over_seeds(m["usage"] for m in memories) if memories else None,
-        "memory_kl": over_seeds(m["kl"] for m in memories) if memories else None,
+        "train_tok_s": stats.to_json(m["train_tokens_per_s"] for m in metrics),
+        "infer_tok_s": stats.to_json(inference_tokens_per_s),
+        "memory_usage": stats.to_json(m["usage"] for m in memories) if memories else None,
+        "memory_kl": stats.to_json(m["kl"] for m in memories) if memories else None,
     }
 
 
@@ -280,9 +279,7 @@ def compare(
     ``kernels`` runs the memory models' search and read (``MemoryConfig.kernels``)."""
     import matplotlib.pyplot as plt
 
-    seeds = tuple(range(seed_count(profile))) if seeds is None else tuple(seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    seeds = distinct_seeds(range(seed_count(profile)) if seeds is None else seeds)
     # The run's identity records the device itself, not how it was named ("auto" or None).
     hardware = profile_device(profile, device)
     configs = {
@@ -371,22 +368,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="retrain models whose final metrics already exist"
     )
-    parser.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
-    parser.add_argument(
-        "--seeds", type=int, default=None, metavar="N",
-        help="seeds per model: --seed, --seed + 1, ... (default: 2 for smoke, 3 for cpu and gpu)",
-    )  # fmt: skip
+    add_seed_arguments(parser, "2 for smoke, 3 for cpu and gpu")
     add_kernels_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     profile = args.profile or current_profile()
-    count = seed_count(profile) if args.seeds is None else args.seeds
     try:
-        if count < 1:
-            raise ValueError(f"--seeds must be >= 1, got {count}")
-        seeds = range(args.seed, args.seed + count)
+        seeds = seeds_from_args(args, seed_count(profile))
         compare(profile, args.corpus, args.runs, args.force, seeds, args.device, not args.quiet,
                 args.kernels)  # fmt: skip
     except KeyboardInterrupt:

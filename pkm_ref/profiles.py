@@ -126,3 +126,23 @@ def add_profile_argument(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"runtime profile (default: ${ENV_VAR}, else gpu with CUDA, else cpu)",
     )
+
+
+def add_seed_arguments(parser: argparse.ArgumentParser, default_count: str) -> None:
+    """``--seed`` (the first seed) and ``--seeds`` (how many: --seed, --seed + 1, ...), shared by
+    the commands that train every model with several seeds; ``default_count`` says how many
+    without ``--seeds``. Read them back with ``seeds_from_args``."""
+    parser.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, metavar="N",
+        help=f"seeds per model: --seed, --seed + 1, ... (default: {default_count})",
+    )  # fmt: skip
+
+
+def seeds_from_args(args: argparse.Namespace, default_count: int) -> range:
+    """The seeds that ``add_seed_arguments``' options name: ``default_count`` of them from
+    ``--seed`` unless ``--seeds`` says how many."""
+    count = default_count if args.seeds is None else args.seeds
+    if count < 1:
+        raise ValueError(f"--seeds must be >= 1, got {count}")
+    return range(args.seed, args.seed + count)

@@ -118,6 +118,12 @@ class Estimate:
         return cls.of([data])
 
 
+def to_json(values: Iterable[float]) -> dict:
+    """``Estimate.of(values).to_json()``: a number measured n times (seeds, rounds) as a result
+    table stores it."""
+    return Estimate.of(values).to_json()
+
+
 def read(value: dict | float | int | None) -> Estimate | None:
     """A result-file cell as an Estimate (None stays None: not measured)."""
     return None if value is None else Estimate.from_json(value)

@@ -3,6 +3,7 @@ the whole study at smoke sizes."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -176,11 +177,24 @@ def test_the_smoke_study_writes_its_table_figures_and_verdicts(tmp_path, monkeyp
 
 def test_bad_arguments_fail_at_once_with_their_value(tmp_path, capsys):
     cases = ((["--seeds", "0"], "--seeds must be >= 1, got 0"),
-             (["--exposures", "0"], "--exposures must be >= 1, got 0"),
-             (["--individuals", "5", "5"], "--individuals must be distinct"))  # fmt: skip
+             (["--exposures", "0"], "exposures must be >= 1, got 0"),
+             (["--individuals", "5", "5"], "individuals must be distinct and >= 2, got [5, 5]"),
+             (["--individuals", "1", "5"], "got [1, 5]"))  # fmt: skip
     for argv, message in cases:
         assert main(["capacity", "--profile", "smoke", "--runs", str(tmp_path), *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_sizes_refuse_a_bad_knob_whoever_builds_them():
+    """The API checks what the CLI checks: a study built in Python fails at once too."""
+    for change, message in (({"individuals": (40, 40)}, "individuals must be distinct"),
+                            ({"individuals": ()}, "individuals must be distinct"),
+                            ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+                            ({"timing_steps": 0}, "timing_steps must be >= 1, got 0"),
+                            ({"value_lr": 0.0}, "value_lr must be > 0, got 0.0")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(message)):
+            dataclasses.replace(SMOKE, **change)
+    assert dataclasses.replace(SMOKE, individuals=(160, 40)).individuals == (40, 160)
 
 
 def test_the_report_judges_both_claims_and_the_readme_shows_the_figure(tmp_path, monkeypatch):
