@@ -74,7 +74,9 @@ def device_name(device: torch.device | str | None = None) -> str:
 
 
 def machine_name() -> str:
-    """The machine a result came from: CPU model, cores and memory (``Linux``: /proc/cpuinfo)."""
+    """The machine a result came from: CPU model, cores, memory (``Linux``: /proc/cpuinfo) and the
+    vector instructions torch's CPU kernels use (``AVX512``, ``AVX2``, ...: their rounding and
+    speed differ, and ``ATEN_CPU_CAPABILITY`` can lower them)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -87,7 +89,7 @@ def machine_name() -> str:
         memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
     except (AttributeError, ValueError, OSError):  # Windows has no sysconf
         memory = ""
-    return f"{cpu}, {os.cpu_count()} cores{memory}"
+    return f"{cpu}, {os.cpu_count()} cores{memory}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def run_metadata(profile: str | None = None, device: torch.device | str | None = None) -> dict:

@@ -1,5 +1,9 @@
 """pkm_ref.figures: every saved figure records the run that made it."""
 
+import os
+import subprocess
+import sys
+
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
@@ -16,3 +20,13 @@ def test_a_figure_records_the_device_that_measured_it(tmp_path, monkeypatch):
     path = figures.save_figure(fig, "example", "gpu", torch.device("cuda"))
     text = Image.open(path).text
     assert text["device"] == "Example GPU" and text["profile"] == "gpu"
+
+
+def test_the_machine_record_names_the_vector_instructions_torch_used():
+    """Two runs on one CPU model differ in rounding and speed when one of them ran lower vector
+    instructions (ATEN_CPU_CAPABILITY): the record tells them apart."""
+    script = "from pkm_ref import figures; print(figures.machine_name())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    lowered = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()  # fmt: skip
+    assert lowered.endswith(", DEFAULT") and lowered != figures.machine_name()
