@@ -19,8 +19,9 @@ of exposures per fact (every fact seen ``Sizes.exposures`` times, once per epoch
 seeds (a seed sets the initial weights and the batch order; the base of each N is the same for
 every seed and model). Every number is the mean over the seeds with its 95 % interval
 (``pkm_ref.stats``); the time of a training step is measured with every model in turns, in
-independent rounds. The headline compares the bits the memory model stores at the largest N with
-the dense model of equal active parameters: the hypothesis is at least 5x.
+independent rounds. The headline compares the bits the memory model stores with those of the dense
+model of equal active parameters, each model on the base where it stored the most (``_best``): the
+hypothesis is at least 5x.
 
 Runs are kept in ``runs/<profile>/capacity/<model>/n<N>/seed-<seed>/result.json`` and reused when
 their configuration is unchanged (``--force`` retrains), so an interrupted study resumes. Results
@@ -53,7 +54,6 @@ from pkm_ref.cli import Interrupted
 from pkm_ref.experiment import Variant, default_runs_dir, run_name
 from pkm_ref.knowledge import KnowledgeBase, measure
 from pkm_ref.model import LanguageModel, MemoryConfig, ModelConfig, middle_layer
-from pkm_ref.optim import SplitOptimizer
 from pkm_ref.profiles import (
     add_device_argument,
     add_profile_argument,
@@ -63,7 +63,8 @@ from pkm_ref.profiles import (
     profile_device,
     seeds_from_args,
 )
-from pkm_ref.train import TrainConfig, learning_rate, recording_usage
+from pkm_ref.train import TrainConfig, optimization_step, recording_usage, split_optimizer
+from pkm_ref.usage import UsageAccumulator
 
 RESULTS, BITS, GROWTH, USAGE = "capacity", "capacity_bits", "capacity_growth", "capacity_usage"
 BASE_SEED = 0  # every seed and model learns the same base of each size
@@ -215,14 +216,14 @@ def train_on_facts(
 ) -> float:
     """Train ``model`` on ``base``: each epoch states every individual's facts once (batches of
     ``config.batch_size`` individuals in a new random order, attributes shuffled within each
-    sequence), until ``config.max_steps``. The optimizer is ``SplitOptimizer`` (values at a
-    constant ``value_lr``), the dense rate follows ``train.learning_rate``.
+    sequence), until ``config.max_steps``, with the language model's optimizer and step
+    (``train.split_optimizer``, ``train.optimization_step``).
 
     ``callback(epoch, model)`` runs after every ``every``-th epoch (0: never), e.g. to measure
     the bits stored so far. Returns the seconds spent in training steps.
     """
     device = next(model.parameters()).device
-    optimizer = _optimizer(model, config)
+    optimizer = split_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)  # the batch order of this seed
     step, seconds, epoch = 0, 0.0, 0
     model.train()
@@ -233,9 +234,7 @@ def train_on_facts(
                 break
             tokens, targets = base.training_batch(individuals, generator)  # (B, 3 + 2K) each
             start = time.perf_counter()
-            for group in optimizer.dense.param_groups:
-                group["lr"] = learning_rate(step, config)
-            _training_step(model, optimizer, tokens.to(device), targets.to(device), config)
+            optimization_step(model, optimizer, tokens.to(device), targets.to(device), step, config)
             seconds += time.perf_counter() - start
             step += 1
         epoch += 1
@@ -243,28 +242,6 @@ def train_on_facts(
             callback(epoch, model)
             model.train()
     return seconds
-
-
-def _optimizer(model: LanguageModel, config: TrainConfig) -> SplitOptimizer:
-    """The study's optimizer: AdamW on the dense weights, Adam at ``value_lr`` on the values."""
-    return SplitOptimizer(model, lr=config.lr, value_lr=config.value_lr,
-                          weight_decay=config.weight_decay)  # fmt: skip
-
-
-def _training_step(
-    model: LanguageModel,
-    optimizer: SplitOptimizer,
-    tokens: torch.Tensor,
-    targets: torch.Tensor,
-    config: TrainConfig,
-) -> None:
-    """One step on ``tokens`` and ``targets`` (B, 3 + 2K) each, gradients clipped as ``config``
-    says; the one step that both ``train_on_facts`` and ``step_times`` take."""
-    _, loss = model(tokens, targets)  # () mean cross-entropy on the value tokens
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.clip_grad_norm_(config.grad_clip, config.value_grad_clip)
-    optimizer.step()
 
 
 # ---------------------------------------------------------------------- memory reads
@@ -362,12 +339,12 @@ def train_or_reuse(
     }
     if variant.config.memory_layers:
         indices, weights = question_reads(model, base)  # (N, K, H, knn) each
-        slots = variant.config.memory.n_slots
-        reads = torch.bincount(indices.flatten(), minlength=slots)  # (n_slots,)
+        reads = UsageAccumulator(variant.config.memory.n_slots)
+        reads.update(indices)
         result["memory"] = {
-            "usage": float((reads > 0).double().mean()),
+            "usage": reads.result().selected.usage,
             **slot_overlap(indices),
-            "reads": reads.tolist(),
+            "reads": reads.counts.long().tolist(),  # (n_slots,) times each slot was read
             "sample_indices": indices[:SAMPLE_INDIVIDUALS].tolist(),
             "sample_weights": weights[:SAMPLE_INDIVIDUALS].tolist(),
         }
@@ -397,7 +374,7 @@ def step_times(
             torch.manual_seed(round_)
             model = LanguageModel(variant.config).to(device).train()
             steps[variant.name] = functools.partial(
-                _training_step, model, _optimizer(model, config), tokens, targets, config
+                optimization_step, model, split_optimizer(model, config), tokens, targets, 0, config
             )
         timings = measure_in_turns(steps, sizes.timing_steps, device, warmup=2)
         for name, timing in timings.items():
@@ -554,10 +531,6 @@ def published_claim(rows: list[dict], exposures: int) -> tuple[stats.Claim | Non
 # ---------------------------------------------------------------------- figures
 
 
-def _spread(estimate: stats.Estimate) -> tuple[float, float, float]:
-    return estimate.mean, min(estimate.values), max(estimate.values)
-
-
 def plot_bits(rows: list[dict], exposures: int, profile: str):
     """Bits stored against total and against active parameters: each model on each base (mean,
     bars from the lowest to the highest seed), with the published bits-per-parameter lines and
@@ -572,7 +545,7 @@ def plot_bits(rows: list[dict], exposures: int, profile: str):
     for ax, column, label in ((axes[0], "params_total", "total"),
                               (axes[1], "params_active", "active")):  # fmt: skip
         for row in rows:
-            mean, low, high = _spread(stats.read(row["bits"]))
+            mean, low, high = stats.spread(stats.read(row["bits"]).values)
             ax.errorbar(row[column], mean, yerr=[[mean - low], [high - mean]],
                         marker=markers[row["individuals"]], color=colors[row["model"]],
                         capsize=3, linestyle="none")  # fmt: skip
@@ -616,7 +589,9 @@ def plot_growth(rows: list[dict], exposures: int, profile: str):
     ax.plot(sizes, content, "k--", label="bits in the base")
     for model in dict.fromkeys(row["model"] for row in rows):
         mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["individuals"])
-        mean, low, high = zip(*(_spread(stats.read(r["bits"])) for r in mine), strict=True)
+        mean, low, high = zip(
+            *(stats.spread(stats.read(r["bits"]).values) for r in mine), strict=True
+        )
         label = f"{model} ({mine[0]['role']}, {mine[0]['params_total']:,} parameters)"
         (line,) = ax.plot([r["individuals"] for r in mine], mean, marker="o", label=label)
         ax.fill_between([r["individuals"] for r in mine], low, high, color=line.get_color(),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,11 +200,6 @@ def sweep_claim(rows: list[dict]) -> tuple[stats.Claim | None, str]:
     return stats.all_of(steps), f"Test bits per byte by memory size: {points} ({each})."
 
 
-def _spread(values: list[float]) -> tuple[float, float, float]:
-    """(mean, min, max): what the figures draw (the tables give the 95 % interval)."""
-    return statistics.fmean(values), min(values), max(values)
-
-
 def plot_learning_curves(runs: dict[str, list[Path]], profile: str):
     """Validation bits per byte against training tokens: per model, the mean over its seeds'
     runs and a band from the lowest to the highest seed. A matplotlib figure."""
@@ -218,7 +212,7 @@ def plot_learning_curves(runs: dict[str, list[Path]], profile: str):
         steps = min(len(log) for log in logs)  # the seeds evaluate at the same steps
         tokens = [logs[0][i]["tokens"] / 1e6 for i in range(steps)]
         mean, low, high = zip(
-            *(_spread([log[i]["val_bpb"] for log in logs]) for i in range(steps)), strict=True
+            *(stats.spread([log[i]["val_bpb"] for log in logs]) for i in range(steps)), strict=True
         )
         (line,) = ax.plot(tokens, mean, marker=".", label=name)
         ax.fill_between(tokens, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -240,7 +234,7 @@ def plot_memory_sweep(rows: list[dict], profile: str):
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     memory_rows = sorted((r for r in rows if r["memory_slots"]), key=lambda r: r["memory_slots"])
-    spreads = [_spread(stats.read(r["test_bpb"]).values) for r in memory_rows]
+    spreads = [stats.spread(stats.read(r["test_bpb"]).values) for r in memory_rows]
     means = [mean for mean, _, _ in spreads]
     ax.errorbar(
         [r["memory_slots"] for r in memory_rows], means,
@@ -249,7 +243,7 @@ def plot_memory_sweep(rows: list[dict], profile: str):
     )  # fmt: skip
     dense_rows = [r for r in rows if not r["memory_slots"]]  # shallow, deep
     for row, style in zip(dense_rows, ("--", ":"), strict=True):
-        mean, low, high = _spread(stats.read(row["test_bpb"]).values)
+        mean, low, high = stats.spread(stats.read(row["test_bpb"]).values)
         line = ax.axhline(mean, linestyle=style, color="gray", label=row["model"])
         ax.axhspan(low, high, color=line.get_color(), alpha=0.1, linewidth=0)
     ax.set_xscale("log", base=2)

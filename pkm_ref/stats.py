@@ -124,6 +124,13 @@ def to_json(values: Iterable[float]) -> dict:
     return Estimate.of(values).to_json()
 
 
+def spread(values: Iterable[float]) -> tuple[float, float, float]:
+    """(mean, min, max) of ``values``: what the figures draw for seeds or rounds, a band from the
+    lowest to the highest (the tables give the 95 % interval)."""
+    values = list(values)
+    return statistics.fmean(values), min(values), max(values)
+
+
 def read(value: dict | float | int | None) -> Estimate | None:
     """A result-file cell as an Estimate (None stays None: not measured)."""
     return None if value is None else Estimate.from_json(value)

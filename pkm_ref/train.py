@@ -23,7 +23,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,6 +157,36 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """bfloat16 autocast when asked for (the memory still takes its softmax in float32)."""
     return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bfloat16")
+
+
+def split_optimizer(model: LanguageModel, config: TrainConfig) -> SplitOptimizer:
+    """The optimizer of every training run: AdamW on the dense weights (``config.lr``, decayed by
+    ``optimization_step``), Adam or SparseAdam on the values at a constant ``config.value_lr``."""
+    return SplitOptimizer(model, lr=config.lr, value_lr=config.value_lr,
+                          weight_decay=config.weight_decay)  # fmt: skip
+
+
+def optimization_step(
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    optimizer: SplitOptimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    step: int,
+    config: TrainConfig,
+) -> torch.Tensor:
+    """One update: the dense rate of ``step`` (``learning_rate``), the loss of ``forward(x, y)``
+    (a ``LanguageModel`` or its DDP wrapper; x, y (B, T) on its device) under ``config.precision``,
+    the backward, both gradient clips and the step. Returns the loss, detached. The one step of
+    ``Trainer`` and of ``pkm_ref.capacity``."""
+    for group in optimizer.dense.param_groups:
+        group["lr"] = learning_rate(step, config)
+    with autocast(x.device, config.precision):
+        _, loss = forward(x, y)  # () mean cross-entropy over the targets
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.clip_grad_norm_(config.grad_clip, config.value_grad_clip)
+    optimizer.step()
+    return loss.detach()
 
 
 def bytes_per_token(tokenizer: Tokenizer, tokens: torch.Tensor) -> float:
@@ -338,10 +368,7 @@ class Trainer:
         self.splits = splits
         torch.manual_seed(train_config.seed)
         self.model = LanguageModel(model_config).to(self.device)
-        self.optimizer = SplitOptimizer(
-            self.model, lr=train_config.lr, value_lr=train_config.value_lr,
-            weight_decay=train_config.weight_decay,
-        )  # fmt: skip
+        self.optimizer = split_optimizer(self.model, train_config)
         self._trained_model = data_parallel(self.model, self.world)  # self.model on one process
         if self.world.rank:  # its own dropout masks; rank 0 goes on with the one-process stream
             torch.manual_seed(train_config.seed + self.world.rank)
@@ -362,17 +389,10 @@ class Trainer:
         block = self.model_config.block_size
         x, y = random_batch(self.splits.train, self.config.batch_size, block, self.data_generator)
         x, y = self.world.shard(x).to(self.device), self.world.shard(y).to(self.device)  # (B/W, T)
-        for group in self.optimizer.dense.param_groups:
-            group["lr"] = learning_rate(self.step, self.config)
         self.model.train()
-        with autocast(self.device, self.config.precision):
-            _, loss = self._trained_model(x, y)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.clip_grad_norm_(self.config.grad_clip, self.config.value_grad_clip)
-        self.optimizer.step()
+        loss = optimization_step(self._trained_model, self.optimizer, x, y, self.step, self.config)
         self.step += 1
-        return loss.detach()
+        return loss
 
     @property
     def tokens_seen(self) -> int:

@@ -88,3 +88,7 @@ def test_ratios_pair_values_measured_together():
     assert ratio.values == (5.0, 4.0)
     with pytest.raises(ValueError, match="pairs values"):
         stats.ratio(Estimate.of([1.0, 2.0]), Estimate.of([1.0]))
+
+
+def test_spread_is_the_mean_and_the_extremes_the_figures_draw():
+    assert stats.spread(iter([1.0, 2.0, 6.0])) == (3.0, 1.0, 6.0)  # any iterable, read once
