@@ -13,12 +13,12 @@ separated (``higher`` / ``lower``) or overlap (``within noise``); then every ver
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from pkm_ref import stats
+from pkm_ref.figures import load_results
 from pkm_ref.report import verdicts
 
 REPORT = "vs_reference.md"
@@ -88,7 +88,7 @@ def differences(results: Path, reference: Path) -> list[Difference]:
     """Every number that both folders hold, paired by table, row and column."""
     found = []
     for table, groups in NUMBERS.items():
-        yours, theirs = _load(results / f"{table}.json"), _load(reference / f"{table}.json")
+        yours, theirs = load_results(table, results), load_results(table, reference)
         if yours is None or theirs is None:
             continue
         for keys, columns in groups:
@@ -208,10 +208,6 @@ def _match(mine: str, base: str) -> str:
     return "matches" if mine == base else "differs"
 
 
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _label(row: dict, keys: tuple[str, ...]) -> str:
     parts = []
     for key in keys:
@@ -226,7 +222,7 @@ def _label(row: dict, keys: tuple[str, ...]) -> str:
 def _machine(folder: Path) -> str:
     """The device and machine that the folder's results record (the first table that has them)."""
     for table in NUMBERS:
-        data = _load(folder / f"{table}.json")
+        data = load_results(table, folder)
         if data is not None:
             meta = data["meta"]
             parts = (meta.get("device"), meta.get("machine"), meta.get("date"))

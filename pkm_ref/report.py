@@ -55,8 +55,27 @@ class Figure:
 
 
 def _rows(folder: Path, name: str) -> list[dict] | None:
-    path = folder / f"{name}.json"
-    return json.loads(path.read_text())["rows"] if path.exists() else None
+    data = load_results(name, folder)
+    return None if data is None else data["rows"]
+
+
+def _claim_verdict(
+    folder: Path,
+    table: str,
+    figure: str,
+    judge: Callable[[list[dict], dict], tuple[stats.Claim | None, str]],
+    scale: str = " at this scale",
+) -> Verdict | None:
+    """The verdict of ``judge(rows, meta) -> (status, text)`` on the result table ``table`` of
+    ``folder``, naming the claim of ``FIGURES[figure]``; None without results. A None status (the
+    results cannot judge the claim) keeps the text alone."""
+    data = load_results(table, folder)
+    if data is None or not data["rows"]:
+        return None
+    status, text = judge(data["rows"], data["meta"])
+    if status is None:
+        return Verdict(None, text)
+    return Verdict(status, f"{text} {FIGURES[figure].claim}: **{status}**{scale}.")
 
 
 def _retrieval_verdict(folder: Path) -> Verdict | None:
@@ -100,23 +119,17 @@ def _retrieval_verdict(folder: Path) -> Verdict | None:
 def _lm_verdict(folder: Path) -> Verdict | None:
     from pkm_ref.experiment import headline_claim
 
-    rows = _rows(folder, "lm_comparison")
-    if not rows:
-        return None
-    status, text = headline_claim(rows)
-    return Verdict(status, f"{text} {FIGURES['lm_learning_curves'].claim}: **{status}** at this "
-                           "scale.")  # fmt: skip
+    return _claim_verdict(
+        folder, "lm_comparison", "lm_learning_curves", lambda rows, _: headline_claim(rows)
+    )
 
 
 def _sweep_verdict(folder: Path) -> Verdict | None:
     from pkm_ref.experiment import sweep_claim
 
-    rows = _rows(folder, "lm_comparison")
-    if not rows:
-        return None
-    status, text = sweep_claim(rows)
-    return Verdict(status, f"{text} {FIGURES['lm_memory_sweep'].claim}: **{status}** at this "
-                           "scale.")  # fmt: skip
+    return _claim_verdict(
+        folder, "lm_comparison", "lm_memory_sweep", lambda rows, _: sweep_claim(rows)
+    )
 
 
 def _paper_verdict(folder: Path) -> Verdict | None:
@@ -145,35 +158,19 @@ def _paper_verdict(folder: Path) -> Verdict | None:
     )
 
 
-def _capacity_results(folder: Path) -> tuple[list[dict], dict] | None:
-    """The rows and meta of ``folder/capacity.json`` (``pkm-ref capacity``), or None."""
-    data = load_results("capacity", folder)
-    return None if data is None else (data["rows"], data["meta"])
-
-
 def _capacity_verdict(folder: Path) -> Verdict | None:
     from pkm_ref.capacity import headline_claim
 
-    results = _capacity_results(folder)
-    if results is None:
-        return None
-    status, text = headline_claim(results[0])
-    if status is None:
-        return Verdict(None, text)
-    return Verdict(status, f"{text} {FIGURES['capacity_bits'].claim}: **{status}** at this scale.")
+    return _claim_verdict(folder, "capacity", "capacity_bits", lambda rows, _: headline_claim(rows))
 
 
 def _published_capacity_verdict(folder: Path) -> Verdict | None:
     from pkm_ref.capacity import published_claim
 
-    results = _capacity_results(folder)
-    if results is None:
-        return None
-    rows, meta = results
-    status, text = published_claim(rows, meta["exposures"])
-    if status is None:
-        return Verdict(None, text)
-    return Verdict(status, f"{text} {FIGURES['capacity_growth'].claim}: **{status}**.")
+    return _claim_verdict(
+        folder, "capacity", "capacity_growth",
+        lambda rows, meta: published_claim(rows, meta["exposures"]), scale="",
+    )  # fmt: skip
 
 
 # name (file stem) -> Figure. Sections appear in RESULTS.md in this order.
@@ -488,17 +485,13 @@ def verdicts(folder: Path) -> dict[str, str | None]:
         if verdict is not None:
             judged[figure.claim] = verdict.status
     for name, (_, goals_of, _, _) in BENCH_PARTS.items():
-        data = _results(folder / f"bench_{name}.json")
+        data = load_results(f"bench_{name}", folder)
         if data is not None:
             for goal in goals_of(data["rows"], data["meta"]):
                 judged[f"goal: {goal.text} {'<=' if goal.at_most else '>='} {goal.target:g}"] = (
                     goal.status
                 )
     return judged
-
-
-def _results(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _table_block(path: Path) -> list[str]:
@@ -547,11 +540,10 @@ def _goals_block(folder: Path) -> str:
     lines = []
     for results in (folder, folder / "gpu"):
         for name in ("retrieval", "layer", "paper"):
-            path = results / f"bench_{name}.json"
-            if not path.exists():
+            data = load_results(f"bench_{name}", results)
+            if data is None:
                 continue
-            data = json.loads(path.read_text())
-            meta, source = data["meta"], os.path.relpath(path.with_suffix(".md"), ROOT)
+            meta, source = data["meta"], os.path.relpath(results / f"bench_{name}.md", ROOT)
             run = f"{meta['device']} ({meta['profile']} profile, {meta['date']})"
             for goal in BENCH_PARTS[name][1](data["rows"], meta):
                 text = goal.line().removeprefix("goal ")
@@ -574,7 +566,7 @@ def _headline_block(folder: Path) -> str:
         if not path.exists() or verdict is None:
             continue
         table = [line for line in path.read_text().splitlines() if line.startswith("|")]
-        meta = json.loads(path.with_suffix(".json").read_text())["meta"]
+        meta = load_results("lm_comparison", results)["meta"]
         source = os.path.relpath(path, ROOT)
         blocks.append(
             f"**Shallow + memory vs deep** ({meta['profile']} profile, {meta['device']}, "
@@ -590,10 +582,10 @@ def _capacity_block(folder: Path) -> str:
     beside them (``folder/gpu``), each with its device, date, source and both verdicts."""
     blocks = []
     for results in (folder, folder / "gpu"):
-        found = _capacity_results(results)
-        if found is None or not (results / "capacity_bits.png").exists():
+        data = load_results("capacity", results)
+        if data is None or not (results / "capacity_bits.png").exists():
             continue
-        meta = found[1]
+        meta = data["meta"]
         figure, source = (os.path.relpath(results / name, ROOT)
                           for name in ("capacity_bits.png", "capacity.md"))  # fmt: skip
         verdicts = [v for v in (_capacity_verdict(results), _published_capacity_verdict(results))
@@ -616,7 +608,7 @@ def _costs_block(folder: Path) -> str:
         "|---|---|---|---|---|---|",
     ]
     for results in (folder, folder / "gpu"):
-        data = _results(results / "reproduce_steps.json")
+        data = load_results("reproduce_steps", results)
         if data is None:
             continue
         meta, rows = data["meta"], data["rows"]

@@ -103,6 +103,14 @@ def test_lm_verdict_says_when_the_claim_fails_or_is_within_noise(tmp_path):
     assert "**within noise**" in report._lm_verdict(tmp_path).text
 
 
+def test_a_claim_the_results_cannot_judge_reads_as_its_reason_alone(tmp_path):
+    """One memory size cannot show quality growing with the memory: no verdict, and the text says
+    why instead of naming a verdict of None."""
+    _write(tmp_path, "lm_comparison", lm_rows([1.7, 1.71, 1.69], [90.0] * 3, [50.0] * 3))
+    verdict = report._sweep_verdict(tmp_path)
+    assert verdict.status is None and verdict.text and "None" not in verdict.text
+
+
 def test_verdicts_list_every_claim_and_goal(tmp_path):
     _write(tmp_path, "lm_comparison", lm_rows([1.7, 1.71, 1.69], [90.0] * 3, [50.0, 51.0, 49.0]))
     _write(tmp_path, "bench_retrieval", retrieval_rows(GROWING_FLAT), {"device_type": "cpu"})
